@@ -1,0 +1,104 @@
+"""The embedded default: a tiny text-to-image cascade on the synthetic shapes set.
+
+Two stages: a 16x16 base model and a 16->32 super-resolution model, each conditioned on
+a small frozen T5 v1.1 encoder with seeded random weights (saved with the run, so that
+sampling later sees the same text features). Sized to train on a 2-core laptop CPU in
+about ten minutes, compilation and evaluation included.
+
+Usage:
+  python -m imagen_jax.train --config=configs/shapes.py --workdir=runs/shapes
+  python -m imagen_jax.train --config=configs/shapes.py:tiny --workdir=/tmp/t   # seconds
+Variants (the argument after the colon): "" (default) and "tiny" (for tests).
+"""
+import ml_collections
+
+from imagen_jax.parallel import axes
+
+
+def stage_config(*, resolution, lowres_resolution, unet, steps, batch_size, learning_rate,
+                 sample_steps, guidance_weight):
+  c = ml_collections.ConfigDict()
+  c.resolution = resolution
+  c.lowres_resolution = lowres_resolution  # 0 for the base stage
+  c.task = f"shapes_{resolution}"  # seqio task; registered by imagen_jax.data.tasks
+  c.train_split = "train"
+  c.unet = ml_collections.ConfigDict(unet)
+  c.dtype = "float32"  # compute dtype of the U-Net: float32 | bfloat16
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="cosine",       # cosine | linear (log-SNR schedules)
+      prediction="v",          # eps | v | x0
+      cond_drop_prob=0.1,      # text dropped for classifier-free guidance
+      max_lowres_aug_t=0.5,    # SR: training noise-augmentation level ~ U(0, max), as time t
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,
+      grad_clip_norm=1.0, ema_decay=0.995))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=batch_size, num_steps=steps, log_every=50, checkpoint_every=500,
+      keep_checkpoints=2, sample_every=1000, num_sample_images=16))
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim",          # ddim | ddpm
+      steps=sample_steps, guidance_weight=guidance_weight,
+      thresholding="static",   # none | static | dynamic
+      percentile=99.5, eta=0.0,
+      lowres_aug_t=0.1,        # SR: fixed noise-augmentation level at sampling, as time t
+  ))
+  return c
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  if variant not in ("default", "tiny"):
+    raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; use '' or 'tiny'.")
+  tiny = variant == "tiny"
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_dir = ""  # TFDS data dir for the generated shapes set; "" = ~/.cache/imagen_jax/tfds
+  c.shapes = ml_collections.ConfigDict(dict(
+      train_size=256 if tiny else 20000, validation_size=32 if tiny else 512,
+      held_out_size=32 if tiny else 256))
+
+  # A small frozen T5 v1.1 encoder with the real architecture and random weights: the
+  # captions use a handful of words, so random features separate them well enough.
+  c.text = ml_collections.ConfigDict(dict(
+      checkpoint="",  # "" = seeded random weights (saved in WORKDIR/text_encoder)
+      init_seed=0, vocab_size=32128, d_model=64 if tiny else 128, num_layers=1 if tiny else 2,
+      num_heads=2 if tiny else 4, head_dim=32, mlp_dim=128 if tiny else 256,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      max_length=16, dtype="float32"))
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.axis_rules = [list(rule) for rule in axes.DEFAULT_RULES]
+
+  small_unet = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                    self_attn_levels=(1,), cross_attn_levels=(1,), attn_heads=2,
+                    attn_head_dim=16, cond_dim=64, space_to_depth=1, efficient=False)
+  c.stage_order = ("base", "sr")
+  c.stages = ml_collections.ConfigDict()
+  c.stages.base = stage_config(
+      resolution=16, lowres_resolution=0,
+      unet=small_unet if tiny else dict(
+          base_channels=96, channel_mults=(1, 2, 2), num_res_blocks=2,
+          self_attn_levels=(2,), cross_attn_levels=(1, 2), attn_heads=4, attn_head_dim=32,
+          cond_dim=256, space_to_depth=1, efficient=False),
+      steps=4 if tiny else 2000, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      sample_steps=4 if tiny else 50, guidance_weight=3.0)
+  c.stages.sr = stage_config(
+      resolution=32, lowres_resolution=16,
+      unet=dict(small_unet, space_to_depth=2, efficient=True) if tiny else dict(
+          base_channels=96, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 2),
+          self_attn_levels=(), cross_attn_levels=(2,), attn_heads=4, attn_head_dim=32,
+          cond_dim=256, space_to_depth=2, efficient=True),
+      steps=4 if tiny else 1500, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      sample_steps=4 if tiny else 25, guidance_weight=3.0)
+  if tiny:
+    for stage in (c.stages.base, c.stages.sr):
+      stage.train.update(log_every=2, checkpoint_every=2, sample_every=4, num_sample_images=4)
+      stage.optimizer.warmup_steps = 2
+
+  # After the last stage: sample the validation captions and measure their alignment.
+  c.eval = ml_collections.ConfigDict(dict(
+      after_training=True, batch_size=8 if tiny else 128,
+      num_single=8 if tiny else 192, num_multi=8 if tiny else 96, num_held_out=8 if tiny else 96))
+  return c

@@ -1,0 +1,107 @@
+"""The train state (params, optimizer state, EMA, step, rng) and its sharded creation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imagen_jax.parallel import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # float32, logically partitioned boxes stripped
+  opt_state: Any
+  ema_params: Any      # float32 exponential moving average of params
+  rng: jax.Array       # the run's key; folded with the step inside the train step
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float
+  warmup_steps: int
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0
+  ema_decay: float = 0.9999
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """Adam with linear warmup to a constant rate and global-norm gradient clipping."""
+  schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+  chain = []
+  if cfg.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  return optax.chain(*chain)
+
+
+def ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
+
+
+def _init_fn(model: nn.Module, example_inputs: tuple, optimizer):
+  """init(key) -> TrainState whose params / opt_state / EMA leaves keep their logical boxes."""
+
+  def init_fn(key):
+    init_key, state_key = jax.random.split(key)
+    boxed = model.init({"params": init_key, "dropout": init_key}, *example_inputs)["params"]
+    params = nn.meta.unbox(boxed)
+    # Adam's mu and nu mirror the params: give them the same boxes, hence the same sharding.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=boxed,
+                      opt_state=_rebox_like(optimizer.init(params), params, boxed),
+                      ema_params=boxed, rng=state_key)
+
+  return init_fn
+
+
+def abstract_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, mesh: Mesh,
+                         rules) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings) without allocating anything: the target of a restore."""
+  init_fn = _init_fn(model, example_inputs, optimizer)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = mesh_lib.logical_sharding(abstract, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  shardings = shardings.replace(step=replicated, rng=replicated)
+  return unbox_state(abstract), shardings
+
+
+def create_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rng: jax.Array,
+                       mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+  """Builds the train state directly in its sharded layout; returns (state, shardings).
+
+  The state is traced with `eval_shape` to read the logical sharding of every leaf, then
+  created by `jit(init, out_shardings=...)`, so no device ever holds an unsharded copy.
+  """
+  init_fn = _init_fn(model, example_inputs, optimizer)
+  _, shardings = abstract_train_state(model, example_inputs, optimizer, mesh=mesh, rules=rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda k: unbox_state(init_fn(k)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def _rebox_like(opt_state, params, boxed):
+  """Puts the params' logical boxes around every params-shaped subtree of opt_state."""
+  params_def = jax.tree.structure(params)
+
+  def rebox(subtree):
+    if jax.tree.structure(subtree) == params_def:
+      return jax.tree.map(lambda box, leaf: box.replace_boxed(leaf), boxed, subtree,
+                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return subtree
+
+  return jax.tree.map(rebox, opt_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)
+
+
+def unbox_state(state):
+  return jax.tree.map(lambda x: x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x, state,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

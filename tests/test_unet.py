@@ -1,0 +1,217 @@
+"""U-Net: shapes, logical axis names, text masking, conditioning paths, dtypes."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax.models import UNet, UNetConfig, count_params, dummy_inputs
+from imagen_jax.models import layers
+from imagen_jax.parallel import axes
+
+TINY = UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                  self_attn_levels=(1,), cross_attn_levels=(0, 1), attn_heads=2,
+                  attn_head_dim=8, text_dim=12, cond_dim=32, num_groups=4,
+                  space_to_depth=2)
+SIZE, TEXT_LEN, BATCH = 8, 5, 2
+
+
+def _inputs(cfg, seed=0, batch=BATCH, size=SIZE):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(keys[0], (batch, size, size, 3))
+  t = jax.random.uniform(keys[1], (batch,))
+  cond = {"text": jax.random.normal(keys[2], (batch, TEXT_LEN, cfg.text_dim)),
+          "text_mask": jnp.array([[True, True, True, False, False],
+                                  [True, False, True, True, False]][:batch])}
+  if cfg.lowres_cond:
+    cond["lowres"] = jax.random.uniform(keys[3], (batch, size // 2, size // 2, 3),
+                                        minval=-1, maxval=1)
+    cond["lowres_aug_t"] = jax.random.uniform(keys[4], (batch,))
+  return x, t, cond
+
+
+def _perturb(params, seed=1, only=None):
+  """Adds noise to every leaf (or leaves whose path contains `only`), so that
+  zero-initialised layers (the final conv, biases) stop hiding the conditioning."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for (path, leaf), key in zip(leaves, keys):
+    if only is None or only in jax.tree_util.keystr(path):
+      leaf = leaf + 0.1 * jax.random.normal(key, leaf.shape)
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _init_apply(cfg, seed=0, **perturb):
+  model = UNet(cfg)
+  x, t, cond = _inputs(cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x, t, cond))["params"]
+  params = _perturb(params, **perturb)
+  apply = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+  return params, apply, (x, t, cond)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  return _init_apply(TINY)
+
+
+@pytest.mark.parametrize("space_to_depth", [1, 2])
+@pytest.mark.parametrize("efficient", [False, True])
+@pytest.mark.parametrize("lowres_cond", [False, True])
+def test_output_shape_all_variants(space_to_depth, efficient, lowres_cond):
+  cfg = dataclasses.replace(TINY, space_to_depth=space_to_depth, efficient=efficient,
+                            lowres_cond=lowres_cond, num_res_blocks=(1, 2))
+  model = UNet(cfg)
+  x, t, cond = _inputs(cfg, size=16)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, t, cond)
+  out = jax.eval_shape(model.apply, variables, x, t, cond)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, efficient=True,
+                                                           lowres_cond=True)],
+                         ids=["base", "sr_efficient"])
+def test_every_param_has_logical_names_of_right_rank(cfg):
+  x, t, cond = _inputs(cfg)
+  variables = jax.eval_shape(UNet(cfg).init, jax.random.key(0), x, t, cond)
+  is_box = lambda v: isinstance(v, nn.LogicallyPartitioned)
+  leaves = jax.tree.leaves(variables["params"], is_leaf=is_box)
+  vocabulary = {v for k, v in vars(axes).items() if k.isupper() and isinstance(v, str)}
+  assert len(leaves) > 50
+  for leaf in leaves:
+    assert is_box(leaf), f"unnamed parameter: {leaf}"
+    assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+    assert set(leaf.names) <= vocabulary, leaf.names
+    assert len(set(leaf.names)) == len(leaf.names), f"repeated axis {leaf.names}"
+    assert leaf.value.dtype == jnp.float32
+  specs = jax.tree.leaves(nn.get_partition_spec(variables["params"]),
+                          is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  conv_spec = (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT)
+  assert sum(tuple(s) == conv_spec for s in specs) >= 10
+
+
+def test_param_count_matches_init_and_final_conv_is_zero(tiny_model):
+  params, apply, (x, t, cond) = tiny_model
+  real = nn.unbox(UNet(TINY).init(jax.random.key(0), x, t, cond))["params"]
+  assert count_params(TINY, SIZE, TEXT_LEN) == sum(p.size for p in jax.tree.leaves(real))
+  assert not np.any(np.asarray(real["out_conv"]["kernel"]))
+  np.testing.assert_array_equal(UNet(TINY).apply({"params": real}, x, t, cond), 0.0)
+
+
+def test_masked_text_tokens_have_no_effect(tiny_model):
+  params, apply, (x, t, cond) = tiny_model
+  mask = cond["text_mask"]
+  noise = 10.0 * jax.random.normal(jax.random.key(7), cond["text"].shape)
+  out = apply(params, x, t, cond)
+  masked_changed = dict(cond, text=jnp.where(mask[..., None], cond["text"], noise))
+  np.testing.assert_allclose(apply(params, x, t, masked_changed), out, atol=1e-6)
+  # Sanity check that the test can fail: changing a real token does change the output.
+  real_changed = dict(cond, text=cond["text"].at[:, 0].set(noise[:, 0]))
+  assert np.abs(apply(params, x, t, real_changed) - out).max() > 1e-3
+
+
+def test_all_masked_row_is_null_conditioning(tiny_model):
+  params, apply, (x, t, cond) = tiny_model
+  dropped = cond["text_mask"].at[0].set(False)
+  other_text = jax.random.normal(jax.random.key(9), cond["text"].shape)
+  out_a = apply(params, x, t, dict(cond, text_mask=dropped))
+  out_b = apply(params, x, t, dict(text=other_text, text_mask=dropped))
+  assert np.all(np.isfinite(out_a))
+  np.testing.assert_allclose(out_a[0], out_b[0], atol=1e-6)
+  # The null conditioning differs from the real text, and row 1 still sees its text.
+  out_full = apply(params, x, t, cond)
+  assert np.abs(out_a[0] - out_full[0]).max() > 1e-3
+  assert np.abs(out_a[1] - out_b[1]).max() > 1e-3
+  np.testing.assert_allclose(out_a[1], out_full[1], atol=1e-5)
+
+
+def test_time_changes_output_with_only_final_conv_perturbed():
+  params, apply, (x, t, cond) = _init_apply(TINY, only="out_conv")
+  out1 = apply(params, x, jnp.full_like(t, 0.1), cond)
+  out2 = apply(params, x, jnp.full_like(t, 0.7), cond)
+  assert np.abs(out1 - out2).max() > 1e-3
+
+
+def test_sr_model_depends_on_lowres_and_aug_level():
+  cfg = dataclasses.replace(TINY, lowres_cond=True, efficient=True)
+  params, apply, (x, t, cond) = _init_apply(cfg)
+  out = apply(params, x, t, cond)
+  assert out.shape == x.shape
+  other_lowres = dict(cond, lowres=-cond["lowres"])
+  assert np.abs(apply(params, x, t, other_lowres) - out).max() > 1e-3
+  other_aug = dict(cond, lowres_aug_t=1.0 - cond["lowres_aug_t"])
+  assert np.abs(apply(params, x, t, other_aug) - out).max() > 1e-3
+
+
+def test_bfloat16_compute_close_to_float32(tiny_model):
+  params, apply, (x, t, cond) = tiny_model
+  bf16 = UNet(dataclasses.replace(TINY, dtype="bfloat16"))
+  out16 = jax.jit(lambda p: bf16.apply({"params": p}, x, t, cond))(params)
+  out32 = apply(params, x, t, cond)
+  assert out16.dtype == jnp.float32
+  err = np.abs(np.asarray(out16) - np.asarray(out32)).max()
+  assert err < 0.05 * np.abs(np.asarray(out32)).max(), err
+
+
+def test_validate_rejects_bad_sizes_and_levels():
+  cfg = UNetConfig(channel_mults=(1, 2, 2))
+  cfg.validate(32)
+  with pytest.raises(ValueError, match=r"image size.*multiple of.*= 4"):
+    cfg.validate(30)
+  with pytest.raises(ValueError, match="= 8"):
+    dataclasses.replace(cfg, space_to_depth=2).validate(36)
+  with pytest.raises(ValueError, match="cross_attn_levels"):
+    dataclasses.replace(cfg, cross_attn_levels=(3,)).validate(32)
+  with pytest.raises(ValueError, match="num_groups"):
+    dataclasses.replace(cfg, base_channels=48, num_groups=32).validate(32)
+  with pytest.raises(ValueError, match="num_res_blocks"):
+    dataclasses.replace(cfg, num_res_blocks=(2, 2)).validate(32)
+  # The model validates at trace time, before anything compiles.
+  x, t, cond = dummy_inputs(cfg, 32)
+  with pytest.raises(ValueError, match="image size"):
+    jax.eval_shape(UNet(cfg).init, jax.random.key(0), x[:, :30, :30], t, cond)
+
+
+def test_config_from_lists_is_hashable():
+  cfg = UNetConfig(channel_mults=[1, 2], self_attn_levels=[1], cross_attn_levels=[1],
+                   num_res_blocks=[1, 2])
+  assert cfg.channel_mults == (1, 2) and cfg.num_res_blocks == (1, 2)
+  hash(cfg)
+
+
+def test_group_norm_matches_flax_reference():
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 12))
+  ours = layers.GroupNorm(num_groups=4)
+  ref = nn.GroupNorm(num_groups=4, epsilon=1e-5)
+  p = nn.unbox(ours.init(jax.random.key(1), x))
+  p = _perturb(p)  # non-trivial scale and bias
+  pr = {"params": {"scale": p["params"]["scale"], "bias": p["params"]["bias"]}}
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(pr, x), atol=1e-4)
+  # The fused FiLM equals applying (1 + scale), shift after the norm.
+  scale, shift = jax.random.normal(jax.random.key(2), (2, 2, 12))
+  expected = ref.apply(pr, x) * (1 + scale[:, None, None]) + shift[:, None, None]
+  np.testing.assert_allclose(ours.apply(p, x, (scale, shift)), expected, atol=1e-4)
+
+
+def test_space_to_depth_folds_patches():
+  x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  y = layers.space_to_depth(x, 2)
+  assert y.shape == (2, 2, 3, 12)
+  # Channel block (di, dj) of output pixel (i, j) is input pixel (2i + di, 2j + dj).
+  np.testing.assert_array_equal(y[1, 1, 2, 3:6], x[1, 2, 5])
+  np.testing.assert_array_equal(y[0, 0, 1, 6:9], x[0, 1, 2])
+  np.testing.assert_array_equal(layers.depth_to_space(y, 2), x)
+
+
+def test_sinusoidal_embedding_closed_form():
+  t = jnp.array([0.0, 0.25])
+  emb = layers.sinusoidal_embedding(t, 8)
+  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+  expected = np.concatenate([np.sin(250.0 * freqs), np.cos(250.0 * freqs)])
+  np.testing.assert_allclose(emb[1], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
