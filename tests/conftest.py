@@ -4,7 +4,10 @@ Both must be set before jax is imported anywhere, which is why they live here.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Level 0 of XLA's CPU backend optimisation compiles ~4x faster; test shapes are tiny, so
+# compile time, not run time, is what the suite spends.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "imagen_jax_jit"))

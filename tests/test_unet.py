@@ -20,49 +20,77 @@ SIZE, TEXT_LEN, BATCH = 8, 5, 2
 
 
 def _inputs(cfg, seed=0, batch=BATCH, size=SIZE):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(keys[0], (batch, size, size, 3))
-  t = jax.random.uniform(keys[1], (batch,))
-  cond = {"text": jax.random.normal(keys[2], (batch, TEXT_LEN, cfg.text_dim)),
+  # numpy randomness throughout: on this CPU every eager jax.random call with the
+  # default (partitionable threefry) PRNG compiles for seconds.
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  uniform = lambda *shape: jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+  x = normal(batch, size, size, 3)
+  t = jnp.abs(uniform(batch))
+  cond = {"text": normal(batch, TEXT_LEN, cfg.text_dim),
           "text_mask": jnp.array([[True, True, True, False, False],
                                   [True, False, True, True, False]][:batch])}
   if cfg.lowres_cond:
-    cond["lowres"] = jax.random.uniform(keys[3], (batch, size // 2, size // 2, 3),
-                                        minval=-1, maxval=1)
-    cond["lowres_aug_t"] = jax.random.uniform(keys[4], (batch,))
+    cond["lowres"] = uniform(batch, size // 2, size // 2, 3)
+    cond["lowres_aug_t"] = jnp.abs(uniform(batch))
   return x, t, cond
 
 
 def _perturb(params, seed=1, only=None):
   """Adds noise to every leaf (or leaves whose path contains `only`), so that
-  zero-initialised layers (the final conv, biases) stop hiding the conditioning."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = []
-  for (path, leaf), key in zip(leaves, keys):
-    if only is None or only in jax.tree_util.keystr(path):
-      leaf = leaf + 0.1 * jax.random.normal(key, leaf.shape)
-    out.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  zero-initialised layers (the final conv, biases) stop hiding the conditioning.
+  numpy noise: eager jax.random would compile one program per leaf shape."""
+  rng = np.random.default_rng(seed)
+  def noisy(path, leaf):
+    if only is not None and only not in jax.tree_util.keystr(path):
+      return leaf
+    return leaf + 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(noisy, params)
 
 
-def _init_apply(cfg, seed=0, **perturb):
+def _init_apply(cfg):
+  """(initial params, perturbed params, jitted apply, inputs) for a config."""
   model = UNet(cfg)
   x, t, cond = _inputs(cfg)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x, t, cond))["params"]
-  params = _perturb(params, **perturb)
+  # An rbg key: jitted init compiles several times faster than with threefry on CPU.
+  key = jax.random.key(0, impl="rbg")
+  params = nn.unbox(jax.jit(model.init)(key, x, t, cond))["params"]
+  apply = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+  return params, _perturb(params), apply, (x, t, cond)
+
+
+def _random_params(cfg, seed=3):
+  """Random params of the right shapes without compiling init (eval_shape + numpy)."""
+  model = UNet(cfg)
+  x, t, cond = _inputs(cfg)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, cond))["params"]
+  rng = np.random.default_rng(seed)
+  def draw(path, leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 100
+    value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      value = value + 1.0
+    return jnp.asarray(value, jnp.float32)
+  params = jax.tree_util.tree_map_with_path(draw, shapes)
   apply = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
   return params, apply, (x, t, cond)
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny():
   return _init_apply(TINY)
 
 
-@pytest.mark.parametrize("space_to_depth", [1, 2])
-@pytest.mark.parametrize("efficient", [False, True])
-@pytest.mark.parametrize("lowres_cond", [False, True])
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+  _, params, apply, inputs = tiny
+  return params, apply, inputs
+
+
+# Each setting of each switch appears at least once (all 8 combinations cost 2x time).
+@pytest.mark.parametrize("space_to_depth,efficient,lowres_cond",
+                         [(1, False, False), (2, True, False), (1, True, True),
+                          (2, False, True)])
 def test_output_shape_all_variants(space_to_depth, efficient, lowres_cond):
   cfg = dataclasses.replace(TINY, space_to_depth=space_to_depth, efficient=efficient,
                             lowres_cond=lowres_cond, num_res_blocks=(1, 2))
@@ -95,18 +123,17 @@ def test_every_param_has_logical_names_of_right_rank(cfg):
   assert sum(tuple(s) == conv_spec for s in specs) >= 10
 
 
-def test_param_count_matches_init_and_final_conv_is_zero(tiny_model):
-  params, apply, (x, t, cond) = tiny_model
-  real = nn.unbox(UNet(TINY).init(jax.random.key(0), x, t, cond))["params"]
-  assert count_params(TINY, SIZE, TEXT_LEN) == sum(p.size for p in jax.tree.leaves(real))
-  assert not np.any(np.asarray(real["out_conv"]["kernel"]))
-  np.testing.assert_array_equal(UNet(TINY).apply({"params": real}, x, t, cond), 0.0)
+def test_param_count_matches_init_and_final_conv_is_zero(tiny):
+  initial, _, apply, (x, t, cond) = tiny
+  assert count_params(TINY, SIZE, TEXT_LEN) == sum(p.size for p in jax.tree.leaves(initial))
+  assert not np.any(np.asarray(initial["out_conv"]["kernel"]))
+  np.testing.assert_array_equal(apply(initial, x, t, cond), 0.0)
 
 
 def test_masked_text_tokens_have_no_effect(tiny_model):
   params, apply, (x, t, cond) = tiny_model
   mask = cond["text_mask"]
-  noise = 10.0 * jax.random.normal(jax.random.key(7), cond["text"].shape)
+  noise = 10.0 * np.random.default_rng(7).standard_normal(cond["text"].shape)
   out = apply(params, x, t, cond)
   masked_changed = dict(cond, text=jnp.where(mask[..., None], cond["text"], noise))
   np.testing.assert_allclose(apply(params, x, t, masked_changed), out, atol=1e-6)
@@ -118,7 +145,7 @@ def test_masked_text_tokens_have_no_effect(tiny_model):
 def test_all_masked_row_is_null_conditioning(tiny_model):
   params, apply, (x, t, cond) = tiny_model
   dropped = cond["text_mask"].at[0].set(False)
-  other_text = jax.random.normal(jax.random.key(9), cond["text"].shape)
+  other_text = jnp.asarray(np.random.default_rng(9).standard_normal(cond["text"].shape))
   out_a = apply(params, x, t, dict(cond, text_mask=dropped))
   out_b = apply(params, x, t, dict(text=other_text, text_mask=dropped))
   assert np.all(np.isfinite(out_a))
@@ -130,8 +157,9 @@ def test_all_masked_row_is_null_conditioning(tiny_model):
   np.testing.assert_allclose(out_a[1], out_full[1], atol=1e-5)
 
 
-def test_time_changes_output_with_only_final_conv_perturbed():
-  params, apply, (x, t, cond) = _init_apply(TINY, only="out_conv")
+def test_time_changes_output_with_only_final_conv_perturbed(tiny):
+  initial, _, apply, (x, t, cond) = tiny
+  params = _perturb(initial, only="out_conv")
   out1 = apply(params, x, jnp.full_like(t, 0.1), cond)
   out2 = apply(params, x, jnp.full_like(t, 0.7), cond)
   assert np.abs(out1 - out2).max() > 1e-3
@@ -139,7 +167,7 @@ def test_time_changes_output_with_only_final_conv_perturbed():
 
 def test_sr_model_depends_on_lowres_and_aug_level():
   cfg = dataclasses.replace(TINY, lowres_cond=True, efficient=True)
-  params, apply, (x, t, cond) = _init_apply(cfg)
+  params, apply, (x, t, cond) = _random_params(cfg)
   out = apply(params, x, t, cond)
   assert out.shape == x.shape
   other_lowres = dict(cond, lowres=-cond["lowres"])
@@ -185,17 +213,18 @@ def test_config_from_lists_is_hashable():
 
 
 def test_group_norm_matches_flax_reference():
-  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 12))
-  ours = layers.GroupNorm(num_groups=4)
-  ref = nn.GroupNorm(num_groups=4, epsilon=1e-5)
-  p = nn.unbox(ours.init(jax.random.key(1), x))
-  p = _perturb(p)  # non-trivial scale and bias
-  pr = {"params": {"scale": p["params"]["scale"], "bias": p["params"]["bias"]}}
-  np.testing.assert_allclose(ours.apply(p, x), ref.apply(pr, x), atol=1e-4)
+  rng = np.random.default_rng(0)
+  # A large mean relative to the spread: one-pass E[x^2] - E[x]^2 would lose it.
+  x = (300.0 + 2.0 * rng.standard_normal((2, 4, 4, 12))).astype(np.float32)
+  p = {"params": {"scale": 1.0 + rng.standard_normal(12).astype(np.float32),
+                  "bias": rng.standard_normal(12).astype(np.float32)}}
+  scale, shift = rng.standard_normal((2, 2, 12)).astype(np.float32)
+  ours = jax.jit(lambda p, x, ss: layers.GroupNorm(num_groups=4).apply(p, x, ss))
+  ref = jax.jit(nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False).apply)(p, x)
+  np.testing.assert_allclose(ours(p, x, None), ref, atol=1e-4)
   # The fused FiLM equals applying (1 + scale), shift after the norm.
-  scale, shift = jax.random.normal(jax.random.key(2), (2, 2, 12))
-  expected = ref.apply(pr, x) * (1 + scale[:, None, None]) + shift[:, None, None]
-  np.testing.assert_allclose(ours.apply(p, x, (scale, shift)), expected, atol=1e-4)
+  expected = ref * (1 + scale[:, None, None]) + shift[:, None, None]
+  np.testing.assert_allclose(ours(p, x, (scale, shift)), expected, atol=1e-4)
 
 
 def test_space_to_depth_folds_patches():

@@ -105,9 +105,10 @@ def groups_for(channels: int, num_groups: int) -> int:
 class GroupNorm(nn.Module):
   """GroupNorm over an NHWC (or N...C) tensor, optionally fused with a FiLM.
 
-  Statistics are reduced per channel over the spatial axes first ([B, C]), then
-  pooled per group, so the big tensor is read once for the statistics and once for
-  a single fused affine `x * a + b` (which also absorbs `(1 + scale)` and `shift`).
+  Statistics are reduced per channel over the spatial axes ([B, C]) and then pooled
+  per group, so the big tensor is never reshaped to 5-D. The variance is two-pass
+  (mean of squared deviations), which stays accurate when |mean| >> std. The norm,
+  its affine and the FiLM `(1 + scale), shift` collapse into one `x * a + b`.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
@@ -118,18 +119,19 @@ class GroupNorm(nn.Module):
                scale_shift: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
     channels = x.shape[-1]
     groups = groups_for(channels, self.num_groups)
+    per_group = channels // groups
     batch = x.shape[0]
     spatial = tuple(range(1, x.ndim - 1))
+    bshape = (batch,) + (1,) * len(spatial) + (channels,)
+
+    def pool_groups(stat_c):  # [B, C] -> mean over each group, broadcast back to [B, C]
+      stat_g = stat_c.reshape(batch, groups, per_group).mean(-1)
+      return jnp.repeat(stat_g, per_group, axis=-1)
+
     xf = x.astype(jnp.float32)
-    mean_c = jnp.mean(xf, axis=spatial)                  # [B, C]
-    meansq_c = jnp.mean(jnp.square(xf), axis=spatial)    # [B, C]
-    mean_g = mean_c.reshape(batch, groups, -1).mean(-1)  # [B, G]
-    meansq_g = meansq_c.reshape(batch, groups, -1).mean(-1)
-    var_g = jnp.maximum(meansq_g - jnp.square(mean_g), 0.0)
-    inv_g = jax.lax.rsqrt(var_g + self.epsilon)
-    per_group = channels // groups
-    mean = jnp.repeat(mean_g, per_group, axis=-1)        # [B, C]
-    inv = jnp.repeat(inv_g, per_group, axis=-1)
+    mean = pool_groups(jnp.mean(xf, axis=spatial))
+    var = pool_groups(jnp.mean(jnp.square(xf - mean.reshape(bshape)), axis=spatial))
+    inv = jax.lax.rsqrt(var + self.epsilon)
     gamma = _param(self, "scale", nn.initializers.ones, (channels,), (NORM,))
     beta = _param(self, "bias", nn.initializers.zeros, (channels,), (NORM,))
     a = gamma * inv
@@ -138,7 +140,6 @@ class GroupNorm(nn.Module):
       scale, shift = scale_shift
       a = a * (1.0 + scale.astype(jnp.float32))
       b = b * (1.0 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
-    bshape = (batch,) + (1,) * len(spatial) + (channels,)
     a = a.reshape(bshape).astype(self.dtype)
     b = b.reshape(bshape).astype(self.dtype)
     return x.astype(self.dtype) * a + b
@@ -329,7 +330,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2 then a 3x3 conv."""
+  """Nearest-neighbour x2 then a 3x3 conv to `features` channels.
+
+  The conv already narrows to the finer level's width (as imagen-pytorch does), so
+  the most expensive conv of each level transition runs at the smaller width.
+  """
+  features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -337,7 +343,7 @@ class Upsample(nn.Module):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     x = x.reshape(b, 2 * h, 2 * w, c)
-    return Conv(c, 3, dtype=self.dtype, name="conv")(x)
+    return Conv(self.features, 3, dtype=self.dtype, name="conv")(x)
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:

@@ -46,7 +46,7 @@ class UNetConfig:
   space_to_depth: int = 1                    # 2: fold 2x2 patches into channels
   efficient: bool = False                    # Efficient U-Net ordering (SR stages)
   lowres_cond: bool = False                  # SR stage: condition on cond['lowres']
-  num_groups: int = 32                       # GroupNorm groups, clipped to channels
+  num_groups: int = 8                        # GroupNorm groups (min(num_groups, width))
   dtype: str = "float32"                     # compute dtype; params are float32
 
   def __post_init__(self):
@@ -171,6 +171,12 @@ class UNet(nn.Module):
     if x_t.shape[-1] != cfg.out_channels:
       raise ValueError(f"x_t has {x_t.shape[-1]} channels but out_channels="
                        f"{cfg.out_channels}; the prediction must have x_t's shape.")
+    needed = (("text",) if cfg.text_dim > 0 else ()) + (
+        ("lowres", "lowres_aug_t") if cfg.lowres_cond else ())
+    missing = [key for key in needed if key not in cond]
+    if missing:
+      raise ValueError(f"cond lacks {missing}: this U-Net has text_dim={cfg.text_dim} and "
+                       f"lowres_cond={cfg.lowres_cond}; pass them or change the config.")
     dtype = jnp.dtype(cfg.dtype)
     batch, height, width, _ = x_t.shape
     groups = cfg.num_groups
@@ -263,7 +269,7 @@ class UNet(nn.Module):
           h = res_block(chans[i], h, f"up{i}_res{j}")
           h = attend(i, h, f"up{i}_{j}")
       if i > 0:
-        h = layers.Upsample(dtype=dtype, name=f"up{i}_upsample")(h)
+        h = layers.Upsample(chans[i - 1], dtype=dtype, name=f"up{i}_upsample")(h)
     assert not skips, "every skip connection must be consumed"
 
     # --- output ---

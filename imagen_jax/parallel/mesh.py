@@ -73,12 +73,30 @@ def check_rules(rules: Rules, mesh: Mesh) -> None:
             f"{mesh.axis_names}; add it to config.mesh (size 1 is fine) or fix the rule.")
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops the mesh axes of any dimension they don't divide (that dimension is replicated).
+
+  A rule like conv_in -> fsdp can't split the 3 input channels of an RGB stem; replicating
+  that one small kernel is what a user would do by hand.
+  """
+  fitted = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axis if dim % size == 0 else None)
+  return P(*fitted)
+
+
 def logical_sharding(tree, mesh: Mesh, rules: Rules):
-  """NamedShardings for a tree of logical PartitionSpecs (or boxed params)."""
-  specs = nn.get_partition_spec(tree)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  """NamedShardings for a tree of boxed (logically partitioned) abstract arrays.
+
+  Leaves without logical names are replicated; dimensions a mesh axis doesn't divide are
+  replicated (see fit_spec).
+  """
+  specs = nn.logical_to_mesh(nn.get_partition_spec(tree), rules)
+  values = nn.meta.unbox(tree)
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+                      specs, values, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_axes(rules: Rules) -> tuple[str, ...]:

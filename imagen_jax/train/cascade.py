@@ -11,31 +11,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax.data import pipeline
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.text import T5Config, T5Encoder, init_params
 from imagen_jax.train import checkpoint as ckpt
 from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import train_stage
-
-
-def frozen_text_encoder(config, workdir: str) -> tuple[T5Encoder, object]:
-  """The run's T5 encoder: restored from the workdir, else created and saved there.
-
-  Its weights are saved with the run so that sampling later sees the same text features.
-  """
-  if ckpt.text_encoder_saved(workdir):
-    params, t5 = ckpt.load_text_encoder(workdir, T5Config)
-    if t5 != stages_lib.t5_config(config):
-      raise ValueError(f"config.text differs from the encoder saved in {workdir}/text_encoder "
-                       f"({t5}); use a new workdir or the original config.")
-    return T5Encoder(t5), params
-  t5 = stages_lib.t5_config(config)
-  if config.text.checkpoint:
-    raise NotImplementedError(
-        "config.text.checkpoint: loading pretrained T5X / Hugging Face T5 weights is the "
-        "'T5 text encoder' issue and is not built yet; leave it empty for seeded random weights.")
-  params = init_params(t5, config.text.init_seed)
-  ckpt.save_text_encoder(workdir, params, t5)
-  return T5Encoder(t5), params
 
 
 def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
@@ -56,7 +34,7 @@ def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  text_encoder, text_params = frozen_text_encoder(config, workdir)
+  text_encoder, text_params = ckpt.frozen_text_encoder(config, workdir)
   text_params = jax.device_put(text_params, NamedSharding(mesh, P()))
 
   steps = {}

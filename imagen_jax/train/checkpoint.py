@@ -18,6 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from imagen_jax.text import T5Config, T5Encoder, init_params
+from imagen_jax.train import stages
+
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying target shardings: restore lands directly in that layout."""
@@ -65,3 +68,24 @@ def load_text_encoder(workdir: str, config_cls):
     t5_config = config_cls(**json.load(f))
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
   return params, t5_config
+
+
+def frozen_text_encoder(config, workdir: str) -> tuple[T5Encoder, object]:
+  """The run's T5 encoder: restored from the workdir, else created and saved there.
+
+  Its weights are saved with the run so that sampling later sees the same text features.
+  """
+  if text_encoder_saved(workdir):
+    params, t5 = load_text_encoder(workdir, T5Config)
+    if t5 != stages.t5_config(config):
+      raise ValueError(f"config.text differs from the encoder saved in {workdir}/text_encoder "
+                       f"({t5}); use a new workdir or the original config.")
+    return T5Encoder(t5), params
+  t5 = stages.t5_config(config)
+  if config.text.checkpoint:
+    raise NotImplementedError(
+        "config.text.checkpoint: loading pretrained T5X / Hugging Face T5 weights is the "
+        "'T5 text encoder' issue and is not built yet; leave it empty for seeded random weights.")
+  params = init_params(t5, config.text.init_seed)
+  save_text_encoder(workdir, params, t5)
+  return T5Encoder(t5), params

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 
 from imagen_jax.models import UNet
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample.grid import make_grid
 from imagen_jax.sample.stage_sampler import make_stage_sampler
 from imagen_jax.train import checkpoint as ckpt
+from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.stages import StageSpec
 from imagen_jax.train.state import create_train_state, make_optimizer
 from imagen_jax.train.step import (downsample, float_to_images, images_to_float,
@@ -53,8 +53,7 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   """
   is_host0 = jax.process_index() == 0
   stage_dir = os.path.join(workdir, spec.name)
-  writer = metric_writers.create_default_writer(
-      os.path.join(stage_dir, "tensorboard"), just_logging=not is_host0)
+  writer = MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_host0)
 
   # ---- Model, optimizer and the sharded train state. ----
   unet = UNet(spec.unet)
@@ -115,9 +114,8 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
       logging.info("[%s] step %d/%d  loss %.4f  grad_norm %.3f  %.1f img/s (%.1f/device)  ETA %s",
                    spec.name, done, spec.train.num_steps, metrics["loss"], metrics["grad_norm"],
                    img_s, img_s / jax.device_count(), _format_eta(eta))
-      writer.write_scalars(done, {**{k: float(v) for k, v in metrics.items()},
-                                  "img_per_s": img_s, "img_per_s_per_device":
-                                  img_s / jax.device_count()})
+      writer.scalars(done, {**metrics, "img_per_s": img_s,
+                            "img_per_s_per_device": img_s / jax.device_count()})
       t_last, step_last = time.time(), done
 
     if done % spec.train.checkpoint_every == 0 or done == spec.train.num_steps:
@@ -167,6 +165,6 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
     grid = make_grid(images, captions)
     os.makedirs(os.path.join(stage_dir, "samples"), exist_ok=True)
     grid.save(os.path.join(stage_dir, "samples", f"step_{step:07d}.png"))
-    writer.write_images(step, {"samples": np.asarray(grid)[None]})
+    writer.image(step, "samples", np.asarray(grid))
 
   return write

@@ -87,8 +87,8 @@ def make_train_step(unet: nn.Module, text_encoder: nn.Module, settings: Diffusio
     decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
     return new_state, metrics
 
   return train_step
