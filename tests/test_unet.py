@@ -203,6 +203,9 @@ def test_validate_rejects_bad_sizes_and_levels():
   x, t, cond = dummy_inputs(cfg, 32)
   with pytest.raises(ValueError, match="image size"):
     jax.eval_shape(UNet(cfg).init, jax.random.key(0), x[:, :30, :30], t, cond)
+  sr = dataclasses.replace(cfg, lowres_cond=True)
+  with pytest.raises(ValueError, match="lowres"):
+    jax.eval_shape(UNet(sr).init, jax.random.key(0), x, t, cond)
 
 
 def test_config_from_lists_is_hashable():

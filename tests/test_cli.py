@@ -1,0 +1,78 @@
+"""The train and sample entry points end to end, at tiny size, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The entry points run as on a laptop: one CPU device (compile time is what they spend).
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0")
+
+
+def run(args, **kwargs):
+  env = ENV
+  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900, **kwargs)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def test_train_then_sample(tmp_path):
+  workdir = str(tmp_path / "run")
+  data_dir = str(tmp_path / "tfds")
+  train = run(["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+               f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2"])
+  log = train.stderr
+  assert "[base] step 4/4" in log and "[sr] step 2/2" in log, log[-3000:]
+  assert "img/s" in log and "ETA" in log
+
+  # Checkpoints, TensorBoard events, sample grids, the saved encoder and config.
+  for stage, step in (("base", 4), ("sr", 2)):
+    assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", str(step)))
+    assert os.listdir(os.path.join(workdir, stage, "tensorboard"))
+    assert os.path.exists(os.path.join(workdir, stage, "samples", f"step_{step:07d}.png"))
+  assert os.path.exists(os.path.join(workdir, "text_encoder", "t5_config.json"))
+
+  # The alignment report of the main job, in its documented format.
+  with open(os.path.join(workdir, "eval", "shapes_alignment.json")) as f:
+    report = json.load(f)
+  for group in ("single_object", "multi_object", "held_out"):
+    for attr in ("colour", "shape", "count", "position"):
+      acc = report[group][attr]["accuracy"]
+      assert acc is None or 0.0 <= acc <= 1.0
+      assert report[group][attr]["n"] >= 0
+  assert set(report["chance"]) == {"colour", "shape", "count", "position"}
+  assert report["resolution"] == 32 and report["wall_time_s"] > 0
+
+  # A second invocation resumes: nothing left to train, the checkpoints are reused.
+  again = run(["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+               f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2",
+               "--config.eval.after_training=False"])
+  assert "already trained to step 4" in again.stderr
+
+  # Sampling from the workdir: per-stage settings, one PNG per image, a grid.
+  out = str(tmp_path / "samples")
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle at the top\ntwo blue squares\n")
+  run(["imagen_jax.sample", f"--workdir={workdir}", "--prompt=a green triangle on the left",
+       f"--prompts_file={prompts}", f"--output_dir={out}", "--num_per_prompt=2",
+       "--guidance=base=2,sr=1", "--steps=sr=3", "--thresholding=base=dynamic"])
+  files = sorted(f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png")
+  assert len(files) == 6
+  image = np.asarray(Image.open(os.path.join(out, files[0])))
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  assert len(os.listdir(os.path.join(out, "stage_base"))) == 6
+  assert Image.open(os.path.join(out, "grid.png")).size[0] > 32
+
+
+def test_sample_rejects_unknown_stage(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "imagen_jax.sample", f"--workdir={tmp_path}", "--prompt=x"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+  assert result.returncode != 0
+  assert "config.json not found" in result.stderr
