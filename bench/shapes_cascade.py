@@ -88,14 +88,17 @@ def main(argv):
   chosen = (singles[:config.eval.num_single] + multis[:config.eval.num_multi] + held)
   splits = (["validation"] * (len(chosen) - len(held))) + ["held_out"] * len(held)
   cascade = Cascade.from_workdir(workdir)
-  images = cascade.generate([e["caption"] for e in chosen], batch_size=config.eval.batch_size,
-                            progress=False)[-1]
+  per_stage = cascade.generate([e["caption"] for e in chosen], batch_size=config.eval.batch_size,
+                               progress=False)
+  images = per_stage[-1]
   report = shapes_alignment.report(images, [e["attributes"] for e in chosen], splits)
   report.update(train_time_s=times, eval_time_s=round(time.time() - t0, 1),
                 wall_time_s=round(time.time() - t_start, 1), device=str(jax.devices()[0]),
                 resolution=final)
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  np.savez_compressed(os.path.join(workdir, "eval", "samples.npz"), images=images)
+  np.savez_compressed(os.path.join(workdir, "eval", "samples.npz"),
+                      **{f"stage_{s.name}": x for s, x in zip(specs, per_stage)},
+                      captions=np.asarray([e["caption"] for e in chosen]))
   print(json.dumps(report))
 
 

@@ -218,16 +218,16 @@ def test_config_from_lists_is_hashable():
 def test_group_norm_matches_flax_reference():
   rng = np.random.default_rng(0)
   # A large mean relative to the spread: one-pass E[x^2] - E[x]^2 would lose it.
-  x = (300.0 + 2.0 * rng.standard_normal((2, 4, 4, 12))).astype(np.float32)
+  x = (1000.0 + 2.0 * rng.standard_normal((2, 4, 4, 12))).astype(np.float32)
   p = {"params": {"scale": 1.0 + rng.standard_normal(12).astype(np.float32),
                   "bias": rng.standard_normal(12).astype(np.float32)}}
   scale, shift = rng.standard_normal((2, 2, 12)).astype(np.float32)
   ours = jax.jit(lambda p, x, ss: layers.GroupNorm(num_groups=4).apply(p, x, ss))
   ref = jax.jit(nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False).apply)(p, x)
-  np.testing.assert_allclose(ours(p, x, None), ref, atol=1e-4)
+  np.testing.assert_allclose(ours(p, x, None), ref, atol=1e-3)
   # The fused FiLM equals applying (1 + scale), shift after the norm.
   expected = ref * (1 + scale[:, None, None]) + shift[:, None, None]
-  np.testing.assert_allclose(ours(p, x, (scale, shift)), expected, atol=1e-4)
+  np.testing.assert_allclose(ours(p, x, (scale, shift)), expected, atol=1e-3)
 
 
 def test_space_to_depth_folds_patches():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
