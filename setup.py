@@ -14,8 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "seqio==0.0.20",
-    "clu",  # metric writers (TensorBoard event files + logging)
-    "tensorboard",
+    "tensorboard",  # tf.summary (TensorBoard event files)
     "sentencepiece",
     "tensorstore",
     "importlib_resources",  # tensorflow-datasets needs it through etils

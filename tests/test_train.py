@@ -110,7 +110,7 @@ def test_stages_must_chain():
 # ---- Sharded training equals single-device training. ----
 
 @pytest.mark.parametrize("stage", ["base", "sr"])
-def test_two_steps_on_4x2_mesh_equal_one_device(stage):
+def test_steps_on_4x2_mesh_equal_one_device(stage):
   config = tiny_config()
   sharded = StageRunner(config, stage, {"data": 4, "fsdp": 2, "tensor": 1}, jax.devices())
   single = StageRunner(config, stage, {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -119,8 +119,10 @@ def test_two_steps_on_4x2_mesh_equal_one_device(stage):
   specs = [x.sharding.spec for x in jax.tree.leaves(sharded.state.params)]
   assert any("fsdp" in str(s) for s in specs), "no parameter is sharded over fsdp"
 
-  state_a, losses_a = sharded.run(sharded.state, [1, 2])
-  state_b, losses_b = single.run(single.state, [1, 2])
+  # Three steps: with a zero-initialised output conv and a warmup that starts at lr 0,
+  # the first two steps move only the output conv; the third moves the whole U-Net.
+  state_a, losses_a = sharded.run(sharded.state, [1, 2, 3])
+  state_b, losses_b = single.run(single.state, [1, 2, 3])
   # Tolerance: float32 reductions are ordered differently across 8 shards (all-reduces
   # of partial sums); observed differences are ~1e-7 relative.
   np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)
@@ -131,7 +133,7 @@ def test_two_steps_on_4x2_mesh_equal_one_device(stage):
   # And training moved the parameters (the comparison above is not vacuous).
   moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
            zip(jax.tree.leaves(state_b.params), jax.tree.leaves(single.state.params))]
-  assert max(moved) > 1e-4
+  assert np.mean([m > 1e-4 for m in moved]) > 0.5, moved
 
 
 # ---- Save -> restore -> the next step is identical. ----
