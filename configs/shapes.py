@@ -28,7 +28,7 @@ def stage_config(*, resolution, lowres_resolution, unet, steps, batch_size, lear
       schedule="cosine",       # cosine | linear (log-SNR schedules)
       prediction="v",          # eps | v | x0
       cond_drop_prob=0.1,      # text dropped for classifier-free guidance
-      max_lowres_aug_t=0.25,   # SR: training noise-augmentation level ~ U(0, max), as time t
+      max_lowres_aug_t=0.15,   # SR: training noise-augmentation level ~ U(0, max), as time t
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,
@@ -83,7 +83,7 @@ def get_config(arg=None):
           base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1,
           self_attn_levels=(2,), cross_attn_levels=(1, 2), attn_heads=4, attn_head_dim=32,
           cond_dim=128, space_to_depth=1, efficient=False),
-      steps=4 if tiny else 600, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      steps=4 if tiny else 650, batch_size=8 if tiny else 32, learning_rate=1e-3,
       sample_steps=4 if tiny else 25, guidance_weight=3.0)
   c.stages.sr = stage_config(
       resolution=32, lowres_resolution=16,
@@ -91,7 +91,7 @@ def get_config(arg=None):
           base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=(1, 1, 2),
           self_attn_levels=(), cross_attn_levels=(2,), attn_heads=4, attn_head_dim=32,
           cond_dim=128, space_to_depth=2, efficient=True),
-      steps=4 if tiny else 800, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      steps=4 if tiny else 1000, batch_size=8 if tiny else 32, learning_rate=1e-3,
       sample_steps=4 if tiny else 20, guidance_weight=3.0)
   if tiny:
     for stage in (c.stages.base, c.stages.sr):
