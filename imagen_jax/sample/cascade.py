@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from imagen_jax.models import UNet
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.sample.stage_sampler import SampleSettings, make_stage_sampler
+from imagen_jax.sample.stage_sampler import make_stage_sampler
 from imagen_jax.text import T5Config, T5Encoder, Tokenizer
 from imagen_jax.train import checkpoint as ckpt
 from imagen_jax.train.loop import example_inputs
-from imagen_jax.train.stages import StageSpec, stage_spec, t5_config
+from imagen_jax.train.stages import StageSpec, stage_spec
 from imagen_jax.train.state import abstract_train_state, make_optimizer
 from imagen_jax.train.step import float_to_images, text_features
 

@@ -5,7 +5,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from imagen_jax import diffusion
 

@@ -1,7 +1,6 @@
 """Trains a cascade (all stages in order, or one named stage) from a config."""
 from __future__ import annotations
 
-import json
 import os
 import time
 

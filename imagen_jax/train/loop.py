@@ -68,7 +68,7 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
 
   # ---- Resume. ----
   manager = ckpt.stage_manager(workdir, spec.name, keep=spec.train.keep_checkpoints)
-  restored, restored_step = ckpt.restore_latest(manager, state, shardings)
+  restored, _ = ckpt.restore_latest(manager, state, shardings)
   if restored is not None:
     state = restored
   start_step = int(state.step)
