@@ -29,27 +29,18 @@ def main(argv):
   del argv
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from imagen_jax.data import shapes
   from imagen_jax.eval import shapes_alignment
-  from imagen_jax.parallel import mesh as mesh_lib
   from imagen_jax.sample.cascade import Cascade
   from imagen_jax.text import Tokenizer
-  from imagen_jax.train import checkpoint as ckpt
-  from imagen_jax.train import stages as stages_lib
   from imagen_jax.train.loop import train_stage
+  from imagen_jax.train.workdir import prepare_run
 
   config, workdir = FLAGS.config, FLAGS.workdir
   t_start = time.time()
-  mesh = mesh_lib.make_mesh(dict(config.mesh))
-  rules = mesh_lib.rules_from_config(config.axis_rules)
-  specs = stages_lib.validate(config, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  text_encoder, text_params = ckpt.frozen_text_encoder(config, workdir)
-  text_params = jax.device_put(text_params, NamedSharding(mesh, P()))
+  run = prepare_run(config, workdir)
+  specs = run.specs
   tokenizer = Tokenizer()
   max_length = config.text.max_length
 
@@ -72,8 +63,9 @@ def main(argv):
         idx = rng.integers(0, len(train["image"]), spec.train.batch_size)
         yield {"image": train["image"][idx], "text_tokens": train["text_tokens"][idx]}
 
-    train_stage(spec, workdir=workdir, mesh=mesh, rules=rules, text_encoder=text_encoder,
-                text_params=text_params, make_batches=make_batches,
+    train_stage(spec, workdir=workdir, mesh=run.mesh, rules=run.rules,
+                text_encoder=run.text_encoder, text_params=run.text_params,
+                make_batches=make_batches,
                 sample_batch=render("validation", range(spec.train.num_sample_images),
                                     spec.resolution),
                 seed=config.seed, max_length=max_length)

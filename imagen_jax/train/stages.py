@@ -46,11 +46,6 @@ class StageSpec:
   sample: SampleSettings
 
 
-def _tuples(d: dict) -> dict:
-  """JSON round trips turn tuples into lists; dataclass fields want hashable tuples."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
 def dtype(name: str, field: str) -> str:
   if name not in _DTYPES:
     raise ValueError(f"{field}={name!r}: use one of {_DTYPES}.")
@@ -68,7 +63,8 @@ def stage_spec(config, name: str) -> StageSpec:
   if name not in config.stages:
     raise ValueError(f"Unknown stage {name!r}; the config has stages {list(config.stages)}.")
   s = config.stages[name]
-  unet = UNetConfig(**_tuples(dict(s.unet)), text_dim=config.text.d_model,
+  unet = UNetConfig(**dict(s.unet),  # UNetConfig turns JSON lists back into tuples
+                    text_dim=config.text.d_model,
                     lowres_cond=bool(s.lowres_resolution),
                     dtype=dtype(s.dtype, f"config.stages.{name}.dtype"))
   return StageSpec(
