@@ -42,6 +42,7 @@ import numpy as np
 
 from imagen_jax.parallel.axes import (ACT_EMBED, BATCH, EMBED, HEADS, LENGTH, MLP, NORM,
                                       REL_BUCKETS, VOCAB)
+from imagen_jax.text import hf_checkpoint
 
 # Large negative logit for masked keys. T5X uses -1e10 rather than -inf so that a row
 # whose keys are all masked gives a uniform softmax instead of NaN.
@@ -82,8 +83,12 @@ class T5Config:
                 f"relative_attention_max_distance > num_buckets // 4 (= {max_exact}); got "
                 f"buckets={self.relative_attention_num_buckets}, "
                 f"max_distance={self.relative_attention_max_distance}")
-        if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        canonical = {jnp.dtype(jnp.float32): jnp.float32, jnp.dtype(jnp.bfloat16): jnp.bfloat16}
+        if jnp.dtype(self.dtype) not in canonical:
             raise ValueError(f"T5Config.dtype must be float32 or bfloat16, got {self.dtype}")
+        # One spelling per dtype, so that configs compare equal whether the dtype came as
+        # a string (JSON, ml_collections) or a numpy / jax type.
+        object.__setattr__(self, "dtype", canonical[jnp.dtype(self.dtype)])
 
     @property
     def inner_dim(self) -> int:
@@ -269,6 +274,16 @@ class T5Encoder(nn.Module):
     """
     config: T5Config
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A T5X, Hugging Face or converted checkpoint, ready to encode prompts.
+
+        Returns a `PretrainedT5Encoder` (config + params + tokenizer); see
+        `imagen_jax.text.pretrained` for the formats and arguments (dtype, mesh, ...).
+        """
+        from imagen_jax.text import pretrained  # pylint: disable=import-outside-toplevel
+        return pretrained.PretrainedT5Encoder.from_pretrained(path, **kwargs)
+
     @nn.compact
     def __call__(self, ids, mask):
         cfg = self.config
@@ -288,14 +303,19 @@ def _init_fn(config: T5Config):
     return lambda key: T5Encoder(config).init(key, dummy, dummy)["params"]
 
 
+def abstract_params(config: T5Config):
+    """Tree of jax.ShapeDtypeStruct boxed with their logical axis names (no allocation)."""
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))
+
+
 def param_shapes(config: T5Config):
     """Unboxed tree of jax.ShapeDtypeStruct for `config`, without allocating anything."""
-    return nn.meta.unbox(jax.eval_shape(_init_fn(config), jax.random.key(0)))
+    return nn.meta.unbox(abstract_params(config))
 
 
 def param_logical_axes(config: T5Config):
     """Tree of PartitionSpecs of logical axis names, shaped like the params."""
-    return nn.get_partition_spec(jax.eval_shape(_init_fn(config), jax.random.key(0)))
+    return nn.get_partition_spec(abstract_params(config))
 
 
 def param_count(config: T5Config) -> int:
@@ -329,26 +349,7 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config):
                            f"(gated-gelu) checkpoint with num_layers={config.num_layers}?")
         return _to_numpy(sd[key])
 
-    def linear(key):
-        return {"kernel": get(key).T}
-
-    embed_key = "shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight"
-    encoder = {"relpos_bias": {"rel_embedding": get(
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").T}}
-    for i in range(config.num_layers):
-        attn = f"encoder.block.{i}.layer.0"
-        ffn = f"encoder.block.{i}.layer.1"
-        encoder[f"layers_{i}"] = {
-            "pre_attention_layer_norm": {"scale": get(f"{attn}.layer_norm.weight")},
-            "attention": {name: linear(f"{attn}.SelfAttention.{hf}.weight")
-                          for name, hf in (("query", "q"), ("key", "k"), ("value", "v"),
-                                           ("out", "o"))},
-            "pre_mlp_layer_norm": {"scale": get(f"{ffn}.layer_norm.weight")},
-            "mlp": {name: linear(f"{ffn}.DenseReluDense.{name}.weight")
-                    for name in ("wi_0", "wi_1", "wo")},
-        }
-    encoder["encoder_norm"] = {"scale": get("encoder.final_layer_norm.weight")}
-    params = {"token_embedder": {"embedding": get(embed_key)}, "encoder": encoder}
+    params = hf_checkpoint.encoder_tree(get, config.num_layers, hf_checkpoint.embedding_key(sd))
 
     check_params_fit(params, config)
     return jax.tree.map(jnp.asarray, params)

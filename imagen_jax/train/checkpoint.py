@@ -83,9 +83,28 @@ def frozen_text_encoder(config, workdir: str) -> tuple[T5Encoder, object]:
     return T5Encoder(t5), params
   t5 = stages.t5_config(config)
   if config.text.checkpoint:
-    raise NotImplementedError(
-        "config.text.checkpoint: loading pretrained T5X / Hugging Face T5 weights is the "
-        "'T5 text encoder' issue and is not built yet; leave it empty for seeded random weights.")
-  params = init_params(t5, config.text.init_seed)
+    params, t5 = _pretrained_text_encoder(config.text.checkpoint, t5)
+  else:
+    params = init_params(t5, config.text.init_seed)
   save_text_encoder(workdir, params, t5)
   return T5Encoder(t5), params
+
+
+# Fields of config.text that must agree with a pretrained checkpoint's architecture.
+_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim",
+                        "relative_attention_num_buckets", "relative_attention_max_distance")
+
+
+def _pretrained_text_encoder(path: str, wanted: T5Config):
+  """(params, T5Config) of a T5X / Hugging Face / converted checkpoint, checked against the
+  architecture config.text describes (the U-Nets' text width is config.text.d_model)."""
+  from imagen_jax.text.pretrained import PretrainedT5Encoder  # pylint: disable=import-outside-toplevel
+  encoder = PretrainedT5Encoder.from_pretrained(
+      path, dtype=wanted.dtype, max_distance=wanted.relative_attention_max_distance)
+  found = encoder.config
+  wrong = [f"config.text.{f}={getattr(wanted, f)} (the checkpoint has {getattr(found, f)})"
+           for f in _ARCHITECTURE_FIELDS if getattr(wanted, f) != getattr(found, f)]
+  if wrong:
+    raise ValueError(f"config.text does not describe the encoder in {path}: " + "; ".join(wrong)
+                     + ". Set those fields to the checkpoint's values.")
+  return encoder.params, found
