@@ -31,7 +31,11 @@ EXTRAS_REQUIRE = {
     "cuda": ["jax[cuda12]==0.10.2"],
     # Tests and parity references. torch 2.13.0 is pinned on purpose: an unpinned torch
     # pulls a multi-GB CUDA build; transformers is a reference implementation only.
-    "test": ["pytest", "torch==2.13.0", "transformers"],
+    # imagen-pytorch itself is installed with --no-deps by the test command (its own
+    # requirements pull torchvision and a CUDA torch); these are the parts its diffusion
+    # functions import.
+    "test": ["pytest", "torch==2.13.0", "transformers", "einops==0.8.2", "beartype==0.23.1",
+             "kornia==0.9.0"],
 }
 
 setuptools.setup(

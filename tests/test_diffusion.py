@@ -1,5 +1,12 @@
-"""Tests of imagen_jax.diffusion against closed forms written out here, independently."""
+"""Tests of imagen_jax.diffusion against closed forms written out here, independently, and
+against imagen-pytorch's own functions (skipped when it is not installed; see `imagen_pt`).
+The samplers' Gaussian-data tests are in test_samplers.py."""
 import functools
+import importlib
+import importlib.util
+import sys
+import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -397,3 +404,161 @@ def test_noise_aug_levels_and_identity_at_zero():
   single, single_t = augment(lowres[1:2], keys[1:2], "cosine")
   np.testing.assert_allclose(single[0], batch[1], atol=1e-6)
   np.testing.assert_allclose(single_t[0], batch_t[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with imagen-pytorch (lucidrains), an independent PyTorch implementation.
+
+@pytest.fixture(scope="module")
+def imagen_pt():
+  for name in ("torch", "einops", "beartype", "kornia", "transformers"):
+    pytest.importorskip(name)
+  if importlib.util.find_spec("imagen_pytorch") is None:
+    pytest.skip("imagen-pytorch is not installed: pip install --no-deps imagen-pytorch beartype "
+                "kornia kornia-rs")
+  return load_imagen_pytorch()
+
+
+def load_imagen_pytorch():
+  """imagen-pytorch's `imagen_pytorch.imagen_pytorch` module, imported with no network.
+
+  Install it without its dependencies, which would replace our CPU torch with a CUDA one
+  and add torchvision, datasets, accelerate, ...:
+    pip install --no-deps imagen-pytorch beartype kornia kornia-rs
+  (einops, transformers, tqdm and torch are the other imports it needs). Three obstacles,
+  three workarounds, all undone or confined to this import:
+  - the package __init__ imports the trainer (accelerate, ema-pytorch, datasets, ...): an
+    empty package object with the real __path__ stands in, so only the submodules we
+    import run;
+  - `Unet.__init__` has `text_embed_dim = get_encoded_dim('google/t5-v1_1-base')` as a
+    default argument, evaluated at import, which asks the Hugging Face hub for the T5
+    config: the config (d_model 768, the only field read) goes into imagen-pytorch's
+    own cache `t5.T5_CONFIGS` first, so it never looks;
+  - `import torchvision.transforms` (only used to make PIL images): when torchvision is
+    absent, a stub is importable just while the module imports.
+  """
+  if "imagen_pytorch.imagen_pytorch" in sys.modules:
+    return sys.modules["imagen_pytorch.imagen_pytorch"]
+  import transformers
+  spec = importlib.util.find_spec("imagen_pytorch")
+  if "imagen_pytorch" not in sys.modules:
+    package = types.ModuleType("imagen_pytorch")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["imagen_pytorch"] = package
+  t5 = importlib.import_module("imagen_pytorch.t5")
+  t5.T5_CONFIGS.setdefault(t5.DEFAULT_T5_NAME, {"config": transformers.T5Config(d_model=768)})
+  stubs = {}
+  if importlib.util.find_spec("torchvision") is None:
+    stubs = {"torchvision": types.ModuleType("torchvision"),
+             "torchvision.transforms": types.ModuleType("torchvision.transforms")}
+    stubs["torchvision"].transforms = stubs["torchvision.transforms"]
+  sys.modules.update(stubs)
+  try:
+    with warnings.catch_warnings():  # torch deprecates the torch.jit.script it decorates with
+      warnings.simplefilter("ignore", DeprecationWarning)
+      return importlib.import_module("imagen_pytorch.imagen_pytorch")
+  finally:
+    for name in stubs:  # transformers' find_spec checks would trip over a spec-less stub
+      sys.modules.pop(name, None)
+
+
+def _torch64(x):
+  import torch
+  return torch.from_numpy(np.asarray(x, np.float64))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_schedule_and_forward_process_match_imagen_pytorch(imagen_pt, name):
+  t = np.linspace(0.0, 0.999, 1000)
+  ref_fn = {"cosine": imagen_pt.alpha_cosine_log_snr, "linear": imagen_pt.beta_linear_log_snr}[name]
+  ref = ref_fn(_torch64(t)).numpy()   # float64: the reference, free of float32 cancellation
+  np.testing.assert_allclose(D.get_schedule(name)(t), ref, rtol=1e-5, atol=1e-5)
+  ref_a, ref_s = (v.numpy() for v in imagen_pt.log_snr_to_alpha_sigma(_torch64(ref)))
+  got_a, got_s = D.alpha_sigma(jnp.asarray(ref, jnp.float32))
+  np.testing.assert_allclose(got_a, ref_a, atol=1e-6)
+  np.testing.assert_allclose(got_s, ref_s, atol=1e-6)
+
+  rng = np.random.default_rng(1)
+  x0, noise = rng.uniform(-1, 1, (64, 4, 4, 3)), rng.normal(size=(64, 4, 4, 3))
+  t = rng.uniform(0, 0.99, 64)
+  process = imagen_pt.GaussianDiffusionContinuousTimes(noise_schedule=name)
+  ref_xt = process.q_sample(_torch64(x0), _torch64(t), _torch64(noise))[0].numpy()
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  x_t = D.q_sample(f32(x0), f32(t), f32(noise), name)
+  np.testing.assert_allclose(x_t, ref_xt, atol=2e-5)
+  # Prediction conversions: x0 from eps (imagen-pytorch clamps alpha at 1e-8, inactive here) and v.
+  logsnr = D.get_schedule(name)(f32(t))
+  v = rng.normal(size=x0.shape)
+  ref_from_eps = process.predict_start_from_noise(_torch64(ref_xt), t=_torch64(t),
+                                                  noise=_torch64(noise)).numpy()
+  ref_from_v = process.predict_start_from_v(_torch64(ref_xt), t=_torch64(t), v=_torch64(v)).numpy()
+  got_from_eps = D.to_x0_eps(f32(ref_xt), f32(noise), logsnr, "eps")[0]
+  np.testing.assert_allclose(got_from_eps, ref_from_eps, atol=1e-4)  # 1/alpha: up to ~60
+  np.testing.assert_allclose(D.to_x0_eps(f32(ref_xt), f32(v), logsnr, "v")[0], ref_from_v,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_posterior_matches_imagen_pytorch(imagen_pt, name):
+  rng = np.random.default_rng(2)
+  x0, x_t = rng.uniform(-1, 1, (64, 2, 2, 3)), rng.normal(size=(64, 2, 2, 3))
+  t = rng.uniform(0.01, 1.0, 64)
+  s = t * rng.uniform(0.0, 0.99, 64)   # t_next < t, down to 0
+  process = imagen_pt.GaussianDiffusionContinuousTimes(noise_schedule=name)
+  mean, var, _ = process.q_posterior(_torch64(x0), _torch64(x_t), _torch64(t), t_next=_torch64(s))
+  sched = D.get_schedule(name)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  # imagen-pytorch's cosine is unclipped (logsnr -> -inf at t = 1); compare where ours is not
+  # clipped either.
+  keep = np.asarray(sched(f32(t)) > sched.logsnr_min)
+  got_mean, got_var = D.q_posterior(f32(x_t), f32(x0), sched(f32(t)), sched(f32(s)))
+  np.testing.assert_allclose(np.asarray(got_mean)[keep], mean.numpy()[keep], rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got_var)[keep].reshape(-1),
+                             var.numpy()[keep].reshape(-1), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("percentile", [99.5, 90.0])
+def test_thresholding_matches_imagen_pytorch(imagen_pt, percentile):
+  """imagen-pytorch thresholds inside `Imagen.p_mean_variance`; that method runs here on a
+  stand-in `self` that holds only what it reads, with the model output passed in (so no
+  U-Net is built or called). It returns the posterior of the thresholded x0 too."""
+  rng = np.random.default_rng(3)
+  # Per-sample scales from 0.5 (inside [-1, 1], untouched) to 3 (clipped and rescaled).
+  x0 = rng.normal(size=(6, 4, 4, 3)) * np.array([0.2, 0.5, 1.0, 1.5, 2.0, 3.0])[:, None, None, None]
+  x_t = rng.normal(size=x0.shape)
+  t = np.full(6, 0.4)
+  process = imagen_pt.GaussianDiffusionContinuousTimes(noise_schedule="cosine", timesteps=10)
+  owner = types.SimpleNamespace(dynamic_thresholding_percentile=percentile / 100,
+                                can_classifier_guidance=True, is_video=False)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  sched = D.get_schedule("cosine")
+  for dynamic, mode in ((True, "dynamic"), (False, "static")):
+    (mean, var, _), ref_x0 = imagen_pt.Imagen.p_mean_variance(
+        owner, None, _torch64(x_t), _torch64(t), noise_scheduler=process,
+        model_output=_torch64(x0), pred_objective="x_start", dynamic_threshold=dynamic)
+    got_x0 = D.apply_threshold(f32(x0), mode, percentile)
+    np.testing.assert_allclose(got_x0, ref_x0.numpy(), atol=1e-6, err_msg=mode)
+    # t_next defaults to t - 1/timesteps.
+    got_mean, got_var = D.q_posterior(f32(x_t), got_x0, sched(f32(t)), sched(f32(t - 0.1)))
+    np.testing.assert_allclose(got_mean, mean.numpy(), rtol=1e-4, atol=2e-5, err_msg=mode)
+    np.testing.assert_allclose(got_var, var.numpy(), rtol=1e-4, err_msg=mode)
+
+
+def test_guidance_matches_imagen_pytorch_cond_scale(imagen_pt):
+  """Our w is imagen-pytorch's `cond_scale` (with its 'remove parallel component' extension
+  off, the paper's formula): w = 1 the conditional model, w = 0 the unconditional one."""
+  import torch
+  k1, k2 = jax.random.split(jax.random.key(5))
+  cond = make_cond(k1, 4, with_lowres=True)
+  x_t, t = jax.random.normal(k2, (4, 2, 2, 3)), jnp.linspace(0.1, 0.9, 4)
+  fn = cond_dependent_denoiser([])
+  uncond = dict(cond, text_mask=jnp.zeros_like(cond["text_mask"]))
+  outputs = {0.0: np.asarray(fn(x_t, t, cond), np.float64),
+             1.0: np.asarray(fn(x_t, t, uncond), np.float64)}   # keyed by cond_drop_prob
+  unet = types.SimpleNamespace(
+      forward=lambda x, time, cond_drop_prob=0.0: torch.from_numpy(outputs[cond_drop_prob]))
+  for w in (0.0, 1.0, 3.0, 7.5):
+    ref = imagen_pt.Unet.forward_with_cond_scale(
+        unet, None, None, cond_scale=w, remove_parallel_component=False).numpy()
+    np.testing.assert_allclose(D.guided_denoiser(fn, w)(x_t, t, cond), ref, atol=1e-5,
+                               err_msg=f"w={w}")

@@ -145,12 +145,12 @@ def test_checkpoint_round_trip_next_step_identical(tmp_path):
   config = tiny_config()
   runner = StageRunner(config, "sr", {"data": 4, "fsdp": 2, "tensor": 1}, jax.devices())
   state, _ = runner.run(runner.state, [1])
-  manager = ckpt.stage_manager(str(tmp_path), "sr", keep=2)
+  manager = ckpt.stage_manager(str(tmp_path), "sr")
   manager.save(1, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   continued, loss_a = runner.run(state, [2])
 
-  fresh = ckpt.stage_manager(str(tmp_path), "sr", keep=2)
+  fresh = ckpt.stage_manager(str(tmp_path), "sr")
   restored, step = ckpt.restore_latest(fresh, runner.state, runner.shardings)
   assert step == 1 and int(restored.step) == 1
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):

@@ -247,3 +247,26 @@ def test_sinusoidal_embedding_closed_form():
   expected = np.concatenate([np.sin(250.0 * freqs), np.cos(250.0 * freqs)])
   np.testing.assert_allclose(emb[1], expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+
+def test_input_to_output_skip_is_a_direct_path_from_the_input():
+  # Keep only the output conv's weights on the skipped input (its bias is zero at init):
+  # the prediction is then a 3x3 conv of the space-to-depth input, linear in x_t and
+  # independent of t. Without the skip the same surgery would give zero.
+  cfg = dataclasses.replace(TINY, input_to_output_skip=True)
+  model = UNet(cfg)
+  x, t, cond = _inputs(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), x, t, cond)["params"])
+  kernel = params["out_conv"]["kernel"]
+  width, folded_input = cfg.base_channels, 3 * cfg.space_to_depth ** 2
+  assert kernel.shape[-2] == width + folded_input
+  only_skip = np.zeros(kernel.shape, np.float32)
+  only_skip[..., width:, :] = np.random.default_rng(0).standard_normal(
+      only_skip[..., width:, :].shape)
+  params = dict(params, out_conv=dict(params["out_conv"], kernel=jnp.asarray(only_skip)))
+  apply = lambda x, t: model.apply({"params": params}, x, t, cond)
+  out = apply(x, t)
+  assert np.abs(out).max() > 1e-2
+  np.testing.assert_allclose(apply(2 * x, t), 2 * out, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(apply(x, 1.0 - t), out, rtol=1e-5, atol=1e-5)

@@ -1,12 +1,21 @@
 """Host input pipeline: a seqio task -> padded, batched numpy examples for one host.
 
-Each host reads only its shard of the data (seqio.ShardInfo) and yields its share of the
-global batch; `parallel.mesh.host_to_global` assembles the global arrays.
+Training batches are a pure function of (seed, stream, step): global batch s holds the
+positions [s B, (s + 1) B) of an endless stream whose epoch e (positions [e n, (e + 1) n)
+of a split of n examples) visits the split in a pseudorandom order drawn from (seed,
+stream, e). Each host reads its slice of every global batch by example index, so a run
+resumed at step s sees exactly the batches an uninterrupted run sees from step s on, with
+nothing replayed, and the stream does not depend on the number of hosts.
+`parallel.mesh.host_to_global` assembles the global arrays.
 """
 from __future__ import annotations
 
+import collections.abc
 import os
 import re
+import struct
+import threading
+import zlib
 
 import jax
 import numpy as np
@@ -60,12 +69,145 @@ def dataset(task: seqio.Task, split: str, *, max_length: int, shuffle: bool, see
 
 
 def train_batches(task: seqio.Task, split: str, *, global_batch_size: int, max_length: int,
-                  seed: int):
-  """Infinite iterator of this host's share of each global batch."""
+                  seed: int, stream: str = "", start_step: int = 0):
+  """Endless iterator of this host's share of global batches start_step, start_step + 1, ...
+
+  Each batch: {"image", "text_tokens", "key"} (key: the example's unique id, bytes).
+  `stream` names an independent order of the same split (the stage name, say).
+  """
   local = global_batch_size // jax.process_count()
-  ds = dataset(task, split, max_length=max_length, shuffle=True, seed=seed, num_epochs=None)
+  reader = SplitReader(task, split)
+  ds = _host_positions(start_step, global_batch_size, local, jax.process_index())
+  ds = ds.map(reader.index_fn(seed, stream))
+  ds = reader.examples(ds, max_length)
   ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.as_numpy_iterator()
+
+
+def _host_positions(start_step: int, global_batch: int, local_batch: int, host: int):
+  """The global stream positions this host reads, in order, from batch start_step on."""
+  ds = tf.data.Dataset.counter(start_step * local_batch, dtype=tf.int64)
+  return ds.map(lambda q: (q // local_batch) * global_batch + host * local_batch
+                + q % local_batch)
+
+
+class SplitReader:
+  """Random access to the examples of a seqio task's TFDS split, preprocessed by the task.
+
+  seqio reads TFDS splits front to back; starting the stream at any step without
+  replaying it needs example i of the split directly. TFDS stores splits as TFRecord
+  files, which have no index, so the files are read once at start-up for the offset of
+  every record (a full read: fine for the shapes sets; a dataset of terabytes would want
+  the offsets stored next to it).
+  """
+
+  def __init__(self, task: seqio.Task, split: str):
+    self.task = task
+    builder, tfds_split = _tfds_builder_and_split(task, split)
+    if str(builder.info.file_format.value) != "tfrecord":
+      raise NotImplementedError(
+          f"Task {task.name!r}: exact resume reads examples by index from TFRecord files; "
+          f"this dataset is stored as {builder.info.file_format.value}.")
+    self.features = builder.info.features
+    self._files, ids, offsets, lengths = [], [], [], []
+    for instruction in builder.info.splits[tfds_split].file_instructions:
+      file_offsets, file_lengths = _record_offsets(instruction.filename)
+      take = instruction.take if instruction.take >= 0 else len(file_offsets) - instruction.skip
+      part = slice(instruction.skip, instruction.skip + take)
+      ids.append(np.full(take, len(self._files), np.int32))
+      offsets.append(file_offsets[part])
+      lengths.append(file_lengths[part])
+      self._files.append(instruction.filename)
+    self._ids, self._offsets, self._lengths = (np.concatenate(x) for x in (ids, offsets, lengths))
+    self.num_examples = len(self._ids)
+    if not self.num_examples:
+      raise ValueError(f"Task {task.name!r} split {split!r} has no examples.")
+    self._open_files = threading.local()  # tf.data calls read() from several threads
+
+  def read(self, indices) -> np.ndarray:
+    """The serialized examples of the split at `indices` (a vector), as bytes objects."""
+    handles = getattr(self._open_files, "handles", None)
+    if handles is None:
+      handles = self._open_files.handles = {}
+    records = np.empty(len(indices), object)
+    for n, i in enumerate(indices):
+      name = self._files[self._ids[i]]
+      if name not in handles:
+        handles[name] = tf.io.gfile.GFile(name, "rb")
+      handles[name].seek(int(self._offsets[i]))
+      records[n] = handles[name].read(int(self._lengths[i]))
+    return records
+
+  def index_fn(self, seed: int, stream: str = ""):
+    """fn(position) -> split index: epoch position // n is a permutation of range(n)."""
+    n = self.num_examples
+    salt = zlib.crc32(stream.encode()) & 0x7FFFFFFF
+
+    def index(position):
+      key = tf.random.experimental.stateless_fold_in(tf.constant([seed, salt], tf.int64),
+                                                     position // n)  # one key per epoch
+      return tf.random.experimental.index_shuffle(position % n, key, tf.constant(n - 1, tf.int64))
+
+    return index
+
+  def examples(self, indices: tf.data.Dataset, max_length: int,
+               keys=("image", "text_tokens", "key")) -> tf.data.Dataset:
+    """Split indices -> the task's preprocessed examples, tokens padded to max_length."""
+    def read(chunk):
+      records = tf.numpy_function(self.read, [chunk], tf.string, stateful=False)
+      return tf.ensure_shape(records, [None])
+
+    # Python reads records; in chunks, because each call into Python costs ~0.5 ms.
+    ds = indices.batch(64).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    ds = ds.map(self.features.deserialize_example, num_parallel_calls=tf.data.AUTOTUNE)
+    sequence_length = {"text_tokens": max_length}
+    # The task's own preprocessing, as task.get_dataset applies it (seeded preprocessors
+    # would restart their random streams on resume; the shapes tasks have none).
+    ds = self.task.preprocess_precache(ds)
+    ds = self.task.preprocess_postcache(ds, sequence_length=sequence_length)
+    ds = seqio.utils.trim_dataset(ds, sequence_length, self.task.output_features)
+    ds = ds.map(_pad_tokens(max_length), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda ex: {k: ex[k] for k in keys})
+
+
+def _tfds_builder_and_split(task: seqio.Task, split: str):
+  source = task.source
+  if not isinstance(source, seqio.TfdsDataSource):
+    raise NotImplementedError(
+        f"Task {task.name!r}: exact resume reads examples by index, which is implemented for "
+        f"TFDS sources only (this one is a {type(source).__name__}).")
+  splits = source.splits
+  tfds_split = splits.get(split, split) if isinstance(splits, collections.abc.Mapping) else split
+  if not isinstance(tfds_split, str):
+    raise NotImplementedError(f"Task {task.name!r}: split {split!r} maps to another dataset "
+                              f"({tfds_split}); index reads need one TFDS dataset.")
+  return source.tfds_dataset.builder, tfds_split
+
+
+def _record_offsets(filename: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+  """(data offset, length) of every record of a TFRecord file.
+
+  A record is: uint64 length, uint32 CRC of the length, the data, uint32 CRC of the data.
+  The file is read in large chunks (one request per chunk on GCS, not one per record);
+  a record longer than a chunk costs one seek.
+  """
+  offsets, lengths = [], []
+  with tf.io.gfile.GFile(filename, "rb") as f:
+    size, position = f.size(), 0
+    buffer, buffer_start = b"", 0  # bytes of the file from buffer_start on
+    while position < size:
+      if position + 12 > buffer_start + len(buffer):
+        f.seek(position)
+        buffer, buffer_start = f.read(chunk), position
+        if len(buffer) < 12:
+          raise ValueError(f"{filename}: truncated TFRecord header at byte {position}.")
+      (length,) = struct.unpack_from("<Q", buffer, position - buffer_start)
+      offsets.append(position + 12)
+      lengths.append(length)
+      position += 12 + length + 4
+  if position != size:
+    raise ValueError(f"{filename}: the last TFRecord ends at byte {position}, the file at {size}.")
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
 def first_examples(task: seqio.Task, split: str, n: int, *, max_length: int) -> dict:

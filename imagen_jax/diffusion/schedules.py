@@ -36,12 +36,25 @@ def linear_logsnr(t):
   return -jnp.log(jnp.expm1(1e-4 + 10.0 * t**2))
 
 
+def cosine_t_from_logsnr(logsnr, s: float = 0.008):
+  """Inverse of `cosine_logsnr`: theta = atan(exp(-logsnr / 2))."""
+  theta = jnp.arctan(jnp.exp(-0.5 * jnp.asarray(logsnr, jnp.float32)))
+  return theta * (2 / math.pi) * (1.0 + s) - s
+
+
+def linear_t_from_logsnr(logsnr):
+  """Inverse of `linear_logsnr`: 1e-4 + 10 t^2 = log(1 + exp(-logsnr))."""
+  t_sq = (jax.nn.softplus(-jnp.asarray(logsnr, jnp.float32)) - 1e-4) / 10.0
+  return jnp.sqrt(jnp.maximum(t_sq, 0.0))
+
+
 def alpha_sigma(logsnr):
   """(alpha, sigma) with alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
 _LOGSNR_FNS = {"cosine": cosine_logsnr, "linear": linear_logsnr}
+_INVERSE_FNS = {"cosine": cosine_t_from_logsnr, "linear": linear_t_from_logsnr}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,10 @@ class Schedule:
     return jnp.clip(_LOGSNR_FNS[self.name](t), self.logsnr_min, self.logsnr_max)
 
   __call__ = logsnr
+
+  def t_from_logsnr(self, logsnr):
+    """The t in [0, 1] with logsnr(t) = `logsnr` (the ends of the clipped range map to 0 / 1)."""
+    return jnp.clip(_INVERSE_FNS[self.name](logsnr), 0.0, 1.0)
 
   def alpha_sigma(self, t):
     return alpha_sigma(self.logsnr(t))

@@ -23,7 +23,8 @@ flags.DEFINE_integer("batch_size", 32, "Images per sampler call.")
 flags.DEFINE_list("stages", None, "Stages to run (a prefix of the cascade); default all.")
 flags.DEFINE_list("guidance", [], "Per-stage guidance weights, e.g. base=3,sr=2.")
 flags.DEFINE_list("steps", [], "Per-stage sampler steps, e.g. base=50,sr=25.")
-flags.DEFINE_list("sampler", [], "Per-stage sampler (ddim|ddpm), e.g. base=ddpm.")
+flags.DEFINE_list("sampler", [], "Per-stage sampler (ddim|ddpm|dpm++2m|heun), e.g. base=dpm++2m.")
+flags.DEFINE_list("time_grid", [], "Per-stage time grid (uniform_t|uniform_logsnr).")
 flags.DEFINE_list("thresholding", [], "Per-stage thresholding (none|static|dynamic).")
 flags.DEFINE_list("lowres_aug_t", [], "Per-stage SR noise-augmentation level (time t).")
 FLAGS = flags.FLAGS
@@ -56,6 +57,7 @@ def main(argv):
   for values, field, cast in ((FLAGS.guidance, "guidance_weight", float),
                               (FLAGS.steps, "steps", int), (FLAGS.sampler, "sampler", str),
                               (FLAGS.thresholding, "thresholding", str),
+                              (FLAGS.time_grid, "time_grid", str),
                               (FLAGS.lowres_aug_t, "lowres_aug_t", float)):
     for name, kv in _per_stage(values, field, cast).items():
       overrides.setdefault(name, {}).update(kv)

@@ -64,8 +64,7 @@ class Cascade:
       target, shardings = abstract_train_state(
           unet, example_inputs(spec, t5.d_model, config.text.max_length),
           make_optimizer(spec.optimizer), mesh=mesh, rules=rules)
-      manager = ckpt.stage_manager(workdir, spec.name, keep=spec.train.keep_checkpoints,
-                                   async_save=False)
+      manager = ckpt.stage_manager(workdir, spec.name, async_save=False)
       state, step = ckpt.restore_latest(manager, target, shardings)
       manager.close()
       if state is None:

@@ -11,12 +11,13 @@ from imagen_jax import diffusion
 
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-  sampler: str = "ddim"          # ddim | ddpm
+  sampler: str = "ddim"          # ddim | ddpm | dpm++2m | heun (diffusion.SAMPLERS)
+  time_grid: str = "uniform_t"   # uniform_t | uniform_logsnr (diffusion.TIME_GRIDS)
   steps: int = 50
   guidance_weight: float = 3.0   # 1.0 = plain conditional; eps_u + w (eps_c - eps_u)
   thresholding: str = "static"   # none | static | dynamic
   percentile: float = 99.5       # dynamic thresholding percentile of |x0|, per sample
-  eta: float = 0.0               # DDIM stochasticity
+  eta: float = 0.0               # DDIM stochasticity (0 for the other samplers)
   lowres_aug_t: float = 0.1      # SR stages: noise level of the conditioning image, as time t
 
 
@@ -46,7 +47,7 @@ def make_stage_sampler(unet: nn.Module, settings: SampleSettings, *, schedule: s
     shape = (text.shape[0], resolution, resolution, 3)
     return diffusion.sample(
         denoise_fn, sample_rng, shape, cond, schedule=sched, prediction=prediction,
-        sampler=settings.sampler, steps=settings.steps,
+        sampler=settings.sampler, steps=settings.steps, time_grid=settings.time_grid,
         guidance_weight=settings.guidance_weight, thresholding=settings.thresholding,
         percentile=settings.percentile, eta=settings.eta)
 

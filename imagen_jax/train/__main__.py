@@ -7,7 +7,12 @@ r"""Trains a cascade: python -m imagen_jax.train --config=configs/FILE.py --work
 Without --stage every stage trains in order (and, if config.eval.after_training, the
 cascade is evaluated at the end); with it, only that stage (what a pod job does). A run
 resumes from the latest checkpoint in the workdir.
+
+On SIGTERM the run saves a checkpoint at the next step boundary and exits with code 75
+(EX_TEMPFAIL: rerun the same command to resume); a SIGKILLed run resumes from its last
+complete checkpoint.
 """
+import sys
 import time
 
 from absl import app, flags, logging
@@ -24,10 +29,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   t0 = time.time()
-  from imagen_jax.train.cascade import train_cascade  # heavy imports after flag parsing
+  from imagen_jax.train import faults  # heavy imports after flag parsing
+  from imagen_jax.train.cascade import train_cascade
 
   config = FLAGS.config
-  train_cascade(config, FLAGS.workdir, FLAGS.stage)
+  try:
+    train_cascade(config, FLAGS.workdir, FLAGS.stage)
+  except faults.Preempted as e:
+    logging.warning("%s Exiting with code %d.", e, faults.EXIT_PREEMPTED)
+    sys.exit(faults.EXIT_PREEMPTED)
   if FLAGS.stage is None and "eval" in config and config.eval.after_training:
     from imagen_jax.eval.shapes_report import evaluate_workdir
     report = evaluate_workdir(FLAGS.workdir, config.eval, wall_time_start=t0)

@@ -6,6 +6,7 @@ import time
 from absl import logging
 
 from imagen_jax.data import pipeline
+from imagen_jax.train import faults
 from imagen_jax.train.loop import train_stage
 from imagen_jax.train.workdir import prepare_run
 
@@ -21,24 +22,33 @@ def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
       raise ValueError(f"--stage={stage!r}: the config's stages are {list(config.stage_order)}.")
 
   steps = {}
-  max_length = config.text.max_length
-  for spec in specs:
-    task = pipeline.register_task(config, spec.task)
-
-    def make_batches(start_step, spec=spec, task=task):
-      # A resumed run reshuffles from a seed folded with its start step rather than
-      # replaying the order it already trained on.
-      return pipeline.train_batches(task, spec.train_split,
-                                    global_batch_size=spec.train.batch_size,
-                                    max_length=max_length,
-                                    seed=config.seed * 1_000_003 + start_step)
-
-    state = train_stage(
-        spec, workdir=workdir, mesh=run.mesh, rules=run.rules, text_encoder=run.text_encoder,
-        text_params=run.text_params, make_batches=make_batches,
-        sample_batch=pipeline.first_examples(task, "validation", spec.train.num_sample_images,
-                                             max_length=max_length),
-        seed=config.seed, max_length=max_length)
-    steps[spec.name] = int(state.step)
+  with faults.handle_sigterm():  # a SIGTERM between stages stops before the next one
+    for spec in specs:
+      if faults.sigterm_received():
+        raise faults.Preempted(spec.name)
+      steps[spec.name] = _train_one(config, run, spec, workdir)
+    if faults.sigterm_received():  # during the last step: stop before anything else starts
+      raise faults.Preempted(spec.name, steps[spec.name], steps[spec.name])
   logging.info("Trained %s in %.0fs.", steps, time.time() - t_start)
   return steps
+
+
+def _train_one(config, run, spec, workdir: str) -> int:
+  """Trains one stage on its seqio task; returns its final step."""
+  max_length = config.text.max_length
+  task = pipeline.register_task(config, spec.task)
+
+  def make_batches(start_step):
+    # Batch s is a function of (seed, stage, s): a resumed run continues the very stream
+    # an uninterrupted run trains on.
+    return pipeline.train_batches(task, spec.train_split, global_batch_size=spec.train.batch_size,
+                                  max_length=max_length, seed=config.seed, stream=spec.name,
+                                  start_step=start_step)
+
+  state = train_stage(
+      spec, workdir=workdir, mesh=run.mesh, rules=run.rules, text_encoder=run.text_encoder,
+      text_params=run.text_params, make_batches=make_batches,
+      sample_batch=pipeline.first_examples(task, "validation", spec.train.num_sample_images,
+                                           max_length=max_length),
+      seed=config.seed, max_length=max_length)
+  return int(state.step)

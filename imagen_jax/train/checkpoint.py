@@ -4,8 +4,10 @@ Layout of a workdir:
   config.json                 the full run config (sampling rebuilds the cascade from it)
   text_encoder/               T5 params (orbax) + t5_config.json
   <stage>/checkpoints/<step>/ TrainState of that stage (orbax, async, keep N)
+  <stage>/checkpoints/<step>.unreadable/   a checkpoint that did not restore, set aside
   <stage>/samples/            sample grids written during training
   <stage>/tensorboard/        event files
+  <stage>/example_keys.process_<i>.txt    the examples of each step (train.log_example_keys)
 """
 from __future__ import annotations
 
@@ -28,21 +30,130 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
-def stage_manager(workdir: str, stage: str, *, keep: int, async_save: bool = True):
+def stage_manager(workdir: str, stage: str, *, async_save: bool = True):
+  """The orbax manager of a stage's checkpoints. It deletes nothing itself: `Saver` prunes
+  old checkpoints, and only once a newer one is complete."""
   directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+  options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(directory, options=options)
 
 
 def restore_latest(manager: ocp.CheckpointManager, target, shardings):
-  """Restores the newest checkpoint onto `shardings`; returns (state, step) or (None, None)."""
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target, shardings)))
-  logging.info("Restored %s at step %d.", manager.directory, step)
-  return state, step
+  """Restores the newest readable checkpoint onto `shardings`: (state, step), or (None, None)
+  when there is none.
+
+  A checkpoint that does not restore (truncated or missing files: a crash mid-write on a
+  filesystem without atomic renames, a damaged disk) is passed over with a warning for the
+  one before it. If none restores, this raises rather than silently starting afresh.
+  """
+  abstract = abstract_like(target, shardings)
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      logging.warning("Checkpoint %s/%d does not restore (%s: %s); trying the one before it.",
+                      manager.directory, step, type(e).__name__, _brief(e))
+      unreadable.append(step)
+      continue
+    if unreadable:
+      logging.warning("Resuming %s from step %d: the newer checkpoint(s) %s are unreadable "
+                      "(warnings above).", manager.directory, step, unreadable)
+    else:
+      logging.info("Restored %s at step %d.", manager.directory, step)
+    return state, step
+  if unreadable:
+    raise RuntimeError(
+        f"No checkpoint in {manager.directory} restores (steps {unreadable}; warnings above). "
+        "If the config changed the train state's structure, use the original config; to "
+        "start afresh, move that directory aside.")
+  return None, None
+
+
+def set_aside(manager: ocp.CheckpointManager, steps) -> None:
+  """Renames unreadable checkpoints to <step>.unreadable (kept for inspection, ignored by
+  orbax), so that training can save those steps again."""
+  if jax.process_index() == 0:
+    for step in steps:
+      src = os.path.join(manager.directory, str(step))
+      dst, n = f"{src}.unreadable", 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable.{n}", n + 1
+      os.rename(src, dst)
+      logging.warning("Moved the unreadable checkpoint %s to %s.", src, dst)
+  manager.reload()
+
+
+def _brief(error: BaseException, limit: int = 400) -> str:
+  """An exception's message on one line, cut to `limit` characters (orbax's run long)."""
+  text = " ".join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class Saver:
+  """Async checkpoint saves that never stop training and never lose the last good checkpoint.
+
+  A save that fails (disk full, permissions, a lost bucket), at once or in the background,
+  is logged and training goes on. Old checkpoints are deleted here, not by orbax's
+  max_to_keep, and only once a newer one is complete on disk: orbax schedules deletions
+  when a save starts, so consecutive failing saves would delete the last good checkpoint.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, keep: int):
+    self.manager = manager
+    self.keep = max(keep, 1)
+    self.pending = None       # step of the save in flight
+    self.last_started = None  # newest step whose save was started
+
+  def save(self, step: int, state) -> None:
+    self.settle()  # also: orbax starts a save only after the previous one finished
+    self.last_started = step
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      self.pending = step
+    except Exception as e:  # pylint: disable=broad-except  (any storage error)
+      logging.error("Checkpoint at step %d could not be saved (%s: %s). Training continues; "
+                    "the last complete checkpoint is step %s.", step, type(e).__name__,
+                    _brief(e), self.latest_complete())
+
+  def settle(self) -> None:
+    """Waits for the save in flight; reports it if it did not complete; prunes old ones."""
+    if self.pending is None:
+      return
+    step, self.pending = self.pending, None
+    error = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    self.manager.reload()  # what is on disk, not what orbax meant to write
+    if error is None and step in self.manager.all_steps():
+      self._prune()
+      return
+    reason = f"{type(error).__name__}: {_brief(error)}" if error else "not found on disk"
+    logging.error("Checkpoint at step %d did not complete (%s). Training continues; the last "
+                  "complete checkpoint is step %s.", step, reason, self.latest_complete())
+
+  def latest_complete(self) -> int | None:
+    steps = self.manager.all_steps()
+    return max(steps) if steps else None
+
+  def close(self) -> None:
+    self.settle()
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("Closing the checkpoint manager failed (%s: %s).", type(e).__name__,
+                    _brief(e))
+
+  def _prune(self) -> None:
+    for step in sorted(self.manager.all_steps())[:-self.keep]:
+      try:
+        self.manager.delete(step)
+      except Exception as e:  # pylint: disable=broad-except  (a stale step stays; harmless)
+        logging.warning("Could not delete the old checkpoint at step %d (%s: %s).", step,
+                        type(e).__name__, _brief(e))
 
 
 def save_text_encoder(workdir: str, params, t5_config) -> None:

@@ -9,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from imagen_jax.models import UNet
@@ -17,6 +16,8 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample.grid import make_grid
 from imagen_jax.sample.stage_sampler import make_stage_sampler
 from imagen_jax.train import checkpoint as ckpt
+from imagen_jax.train import faults
+from imagen_jax.train.compile_options import run_rarely_options
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.stages import StageSpec
 from imagen_jax.train.state import create_train_state, make_optimizer
@@ -47,9 +48,12 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   """Trains one stage to spec.train.num_steps, resuming from the workdir if possible.
 
   make_batches: fn(start_step) -> iterator of host-local numpy batches
-    {"image", "text_tokens"}.
+    {"image", "text_tokens"[, "key"]}, from the batch of step start_step on (an exact
+    resume needs batch s to depend on s only).
   sample_batch: a fixed host-local batch (captions + images) for the periodic sample grids.
-  Returns the final TrainState.
+  Returns the final TrainState. Raises faults.Preempted after a SIGTERM, once the
+  checkpoint of the current step is saved, and faults.NonfiniteError after
+  spec.train.max_consecutive_nonfinite skipped updates in a row.
   """
   is_host0 = jax.process_index() == 0
   stage_dir = os.path.join(workdir, spec.name)
@@ -67,24 +71,50 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   logging.info("Stage %s: U-Net with %.2fM parameters.", spec.name, num_params / 1e6)
 
   # ---- Resume. ----
-  manager = ckpt.stage_manager(workdir, spec.name, keep=spec.train.keep_checkpoints)
-  restored, _ = ckpt.restore_latest(manager, state, shardings)
-  if restored is not None:
-    state = restored
+  manager = ckpt.stage_manager(workdir, spec.name)
+  state = _resume(manager, state, shardings)
   start_step = int(state.step)
   if start_step >= spec.train.num_steps:
     logging.info("Stage %s already trained to step %d.", spec.name, start_step)
     manager.close()
     return state
+  saver = ckpt.Saver(manager, keep=spec.train.keep_checkpoints)
+  with faults.handle_sigterm():
+    try:
+      state = _compile_and_loop(spec, state, shardings, saver, unet=unet, optimizer=optimizer,
+                                text_encoder=text_encoder, text_params=text_params,
+                                make_batches=make_batches, sample_batch=sample_batch, mesh=mesh,
+                                rules=rules, stage_dir=stage_dir, writer=writer, seed=seed)
+    finally:
+      saver.close()  # waits for the last save; a failed one is logged, never raised
+      writer.flush()
+  return state
 
+
+def _resume(manager, state, shardings):
+  """The newest readable checkpoint's state (else `state`); unreadable newer ones are moved
+  aside, so that their steps can be saved again."""
+  restored, step = ckpt.restore_latest(manager, state, shardings)
+  if restored is None:
+    return state
+  newer = [s for s in manager.all_steps() if s > step]
+  if newer:
+    ckpt.set_aside(manager, newer)
+  return restored
+
+
+def _compile_and_loop(spec, state, shardings, saver, *, unet, optimizer, text_encoder,
+                      text_params, make_batches, sample_batch, mesh, rules, stage_dir, writer,
+                      seed):
+  start_step = int(state.step)
   # ---- Compile the step ahead of the loop. ----
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   train_step = make_train_step(unet, text_encoder, spec.diffusion, optimizer,
                                ema_decay=spec.optimizer.ema_decay,
                                lowres_resolution=spec.lowres_resolution)
+  key_log = _KeyLog(stage_dir, spec.train.log_example_keys)
   batches = make_batches(start_step)
-  first = next(batches)
-  global_batch = mesh_lib.host_to_global(first, mesh, rules)
+  global_batch = _global_batch(next(batches), start_step, mesh, rules, key_log)
   t0 = time.time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(
@@ -96,14 +126,18 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
                                  rules, stage_dir, writer, seed)
 
   # ---- The loop. ----
+  guard = faults.NonfiniteGuard(spec.name, spec.train.max_consecutive_nonfinite)
   images_per_step = spec.train.batch_size
   t_last, step_last = time.time(), start_step
   batch = global_batch  # the one used for compilation is the first trained on
   for step in range(start_step, spec.train.num_steps):
+    if faults.sigterm_received():  # a step boundary: the state is that of `step`
+      _stop_for_preemption(spec.name, state, step, saver)
     if step > start_step:
-      batch = mesh_lib.host_to_global(next(batches), mesh, rules)
+      batch = _global_batch(next(batches), step, mesh, rules, key_log)
     state, metrics = compiled(state, batch, text_params)
     done = step + 1
+    guard.push(done, metrics)
 
     if done % spec.train.log_every == 0 or done == spec.train.num_steps:
       metrics = jax.device_get(metrics)
@@ -111,25 +145,62 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
       steps_per_s = (done - step_last) / max(elapsed, 1e-9)
       img_s = steps_per_s * images_per_step
       eta = (spec.train.num_steps - done) / max(steps_per_s, 1e-9)
-      logging.info("[%s] step %d/%d  loss %.4f  grad_norm %.3f  %.1f img/s (%.1f/device)  ETA %s",
-                   spec.name, done, spec.train.num_steps, metrics["loss"], metrics["grad_norm"],
-                   img_s, img_s / jax.device_count(), _format_eta(eta))
+      skipped = f"  skipped {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""
+      logging.info("[%s] step %d/%d  loss %.4f  grad_norm %.3f%s  %.1f img/s (%.1f/device)  "
+                   "ETA %s", spec.name, done, spec.train.num_steps, metrics["loss"],
+                   metrics["grad_norm"], skipped, img_s, img_s / jax.device_count(),
+                   _format_eta(eta))
       writer.scalars(done, {**metrics, "img_per_s": img_s,
                             "img_per_s_per_device": img_s / jax.device_count()})
       t_last, step_last = time.time(), done
 
     if done % spec.train.checkpoint_every == 0 or done == spec.train.num_steps:
-      manager.save(done, args=ocp.args.StandardSave(state))
+      saver.save(done, state)
 
     if spec.train.sample_every and (done % spec.train.sample_every == 0
                                     or done == spec.train.num_steps):
       write_samples(state.ema_params, done)
       t_last = time.time()  # sampling time is not training throughput
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+  guard.finish()
   return state
+
+
+def _stop_for_preemption(stage: str, state, step: int, saver: ckpt.Saver):
+  """Saves the state of `step` (unless it is on disk), waits for it, raises Preempted."""
+  logging.warning("[%s] SIGTERM received: saving the checkpoint of step %d, then stopping.",
+                  stage, step)
+  if step != saver.last_started and step not in saver.manager.all_steps():
+    saver.save(step, state)
+  saver.settle()
+  raise faults.Preempted(stage, step, saver.latest_complete())
+
+
+def _global_batch(host_batch: dict, step: int, mesh, rules, key_log: "_KeyLog"):
+  """Global arrays of a host batch; its example keys (strings) go to the key log only."""
+  key_log.write(step, host_batch.pop("key", None))
+  return mesh_lib.host_to_global(host_batch, mesh, rules)
+
+
+class _KeyLog:
+  """Debug (train.log_example_keys): a line "<step> <key> <key> ..." per trained batch in
+  <stage>/example_keys.process_<i>.txt, <step> being the state's step before the update.
+
+  Written before the step runs and closed each time, so a killed run loses no line of a
+  step it trained; a resumed run appends the steps it trains again after the checkpoint.
+  """
+
+  def __init__(self, stage_dir: str, enabled: bool):
+    self.path = None
+    if enabled:
+      os.makedirs(stage_dir, exist_ok=True)
+      self.path = os.path.join(stage_dir, f"example_keys.process_{jax.process_index()}.txt")
+
+  def write(self, step: int, keys) -> None:
+    if self.path is None or keys is None:
+      return
+    names = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+    with open(self.path, "a") as f:
+      f.write(f"{step} {' '.join(names)}\n")
 
 
 def zlib_hash(name: str) -> int:
@@ -155,10 +226,16 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
     lowres = downsample(images_to_float(jnp.asarray(sample_batch["image"][:n])),
                         spec.lowres_resolution)
 
+  compiled = None
+
   def write(ema_params, step):
+    nonlocal compiled
     # Every host runs the sampler (the params are global arrays); host 0 writes.
     text, mask = text_features(text_encoder, text_params, tokens)
-    images = run(ema_params, jax.random.key(seed), text, mask, lowres)
+    args = (ema_params, jax.random.key(seed), text, mask, lowres)
+    if compiled is None:  # a few small batches per run: compile for compile speed
+      compiled = run.lower(*args).compile(compiler_options=run_rarely_options())
+    images = compiled(*args)
     images = np.asarray(jax.device_get(float_to_images(images)))
     if jax.process_index() != 0:
       return

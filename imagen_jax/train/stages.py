@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from imagen_jax import diffusion
 from imagen_jax.models import UNetConfig
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample.stage_sampler import SampleSettings
@@ -16,7 +17,6 @@ from imagen_jax.train.step import DiffusionSettings
 
 _SCHEDULES = ("cosine", "linear")
 _PREDICTIONS = ("eps", "v", "x0")
-_SAMPLERS = ("ddim", "ddpm")
 _THRESHOLDING = ("none", "static", "dynamic")
 _DTYPES = ("float32", "bfloat16")
 
@@ -30,6 +30,8 @@ class TrainSettings:
   keep_checkpoints: int = 2
   sample_every: int = 1000
   num_sample_images: int = 16
+  max_consecutive_nonfinite: int = 10  # stop after this many skipped updates in a row
+  log_example_keys: bool = False       # debug: append each step's example keys to a file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,11 @@ def validate(config, mesh) -> list[StageSpec]:
     field = f"config.stages.{name}"
     _check_choice(spec.diffusion.schedule, _SCHEDULES, f"{field}.diffusion.schedule")
     _check_choice(spec.diffusion.prediction, _PREDICTIONS, f"{field}.diffusion.prediction")
-    _check_choice(spec.sample.sampler, _SAMPLERS, f"{field}.sample.sampler")
+    _check_choice(spec.sample.sampler, diffusion.SAMPLERS, f"{field}.sample.sampler")
+    _check_choice(spec.sample.time_grid, diffusion.TIME_GRIDS, f"{field}.sample.time_grid")
+    if spec.sample.eta and spec.sample.sampler not in ("ddim",):
+      raise ValueError(f"{field}.sample.eta={spec.sample.eta} only applies to the ddim sampler "
+                       f"(got sampler={spec.sample.sampler!r}); set it to 0.")
     _check_choice(spec.sample.thresholding, _THRESHOLDING, f"{field}.sample.thresholding")
     try:
       spec.unet.validate(spec.resolution)
@@ -107,6 +113,9 @@ def validate(config, mesh) -> list[StageSpec]:
     mesh_lib.check_batch_size(spec.train.batch_size, mesh, rules, f"{field}.train.batch_size")
     if spec.train.num_steps < 0:
       raise ValueError(f"{field}.train.num_steps must be >= 0.")
+    if spec.train.max_consecutive_nonfinite < 1:
+      raise ValueError(f"{field}.train.max_consecutive_nonfinite="
+                       f"{spec.train.max_consecutive_nonfinite} must be >= 1.")
     specs.append(spec)
   # Stages chain at sampling time: each SR stage takes the previous stage's resolution.
   for prev, cur in zip(specs, specs[1:]):

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.train.compile_options import run_rarely_options
 
 
 @flax.struct.dataclass
@@ -21,6 +22,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any      # float32 exponential moving average of params
   rng: jax.Array       # the run's key; folded with the step inside the train step
+  skipped_steps: jax.Array  # steps whose update was dropped for a non-finite loss/gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ def _init_fn(model: nn.Module, example_inputs: tuple, optimizer):
     # Adam's mu and nu mirror the params: give them the same boxes, hence the same sharding.
     return TrainState(step=jnp.zeros((), jnp.int32), params=boxed,
                       opt_state=_rebox_like(optimizer.init(params), params, boxed),
-                      ema_params=boxed, rng=state_key)
+                      ema_params=boxed, rng=state_key, skipped_steps=jnp.zeros((), jnp.int32))
 
   return init_fn
 
@@ -71,7 +73,7 @@ def abstract_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
   shardings = mesh_lib.logical_sharding(abstract, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  shardings = shardings.replace(step=replicated, rng=replicated)
+  shardings = shardings.replace(step=replicated, rng=replicated, skipped_steps=replicated)
   return unbox_state(abstract), shardings
 
 
@@ -85,7 +87,8 @@ def create_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rn
   init_fn = _init_fn(model, example_inputs, optimizer)
   _, shardings = abstract_train_state(model, example_inputs, optimizer, mesh=mesh, rules=rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(lambda k: unbox_state(init_fn(k)), out_shardings=shardings)(rng)
+    lowered = jax.jit(lambda k: unbox_state(init_fn(k)), out_shardings=shardings).lower(rng)
+    state = lowered.compile(compiler_options=run_rarely_options())(rng)
   return state, shardings
 
 

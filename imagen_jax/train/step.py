@@ -57,6 +57,11 @@ def make_conditioning(x0, text, text_mask, rng, *, lowres_resolution: int, sched
   return cond
 
 
+def keep_if_finite(finite: jax.Array, new, old):
+  """`new` where `finite`, else `old`, leaf by leaf (a select, not arithmetic: bit exact)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(unet: nn.Module, text_encoder: nn.Module, settings: DiffusionSettings,
                     optimizer: optax.GradientTransformation, *, ema_decay: float,
                     lowres_resolution: int) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
@@ -79,16 +84,25 @@ def make_train_step(unet: nn.Module, text_encoder: nn.Module, settings: Diffusio
                                       cond_drop_prob=settings.cond_drop_prob)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # EMA warm-up (as tf.train.ExponentialMovingAverage with num_updates): early averages
     # don't drag the random init along, which matters for short runs.
     step = state.step.astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema_params = ema_update(state.ema_params, params, decay)
+    # A NaN or Inf in the loss or any gradient (the norm catches every element) must reach
+    # neither the params, nor Adam's moments, nor the EMA: keep them all and count the skip.
+    # The step still advances: the batch is consumed, so the data stream stays in step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state, ema_params = keep_if_finite(
+        finite, (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_update(state.ema_params, params, decay))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params))
+                              ema_params=ema_params,
+                              skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                   nonfinite=~finite, skipped_steps=new_state.skipped_steps)
     return new_state, metrics
 
   return train_step
