@@ -64,7 +64,7 @@ def get_config(arg=None):
   c.seed = 0
   c.data_dir = ""  # TFDS data dir for the generated shapes set; "" = ~/.cache/imagen_jax/tfds
   c.shapes = ml_collections.ConfigDict(dict(
-      train_size=256 if tiny else 12000, validation_size=32 if tiny else 512,
+      train_size=256 if tiny else 8000, validation_size=32 if tiny else 512,
       held_out_size=32 if tiny else 256))
 
   # A small frozen T5 v1.1 encoder with the real architecture and random weights: the
@@ -91,7 +91,7 @@ def get_config(arg=None):
           base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1,
           self_attn_levels=(2,), cross_attn_levels=(1, 2), attn_heads=4, attn_head_dim=32,
           cond_dim=128, space_to_depth=2, efficient=False),
-      steps=4 if tiny else 1400, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      steps=4 if tiny else 1350, batch_size=8 if tiny else 32, learning_rate=1e-3,
       sample_steps=4 if tiny else 20, guidance_weight=3.0)
   c.stages.sr = stage_config(
       resolution=32 if tiny else 64, lowres_resolution=16 if tiny else 32,
@@ -101,7 +101,7 @@ def get_config(arg=None):
           base_channels=64, channel_mults=(1, 1, 2), num_res_blocks=(1, 1, 2),
           self_attn_levels=(), cross_attn_levels=(2,), attn_heads=4, attn_head_dim=32,
           cond_dim=128, space_to_depth=4, efficient=True, input_to_output_skip=True),
-      steps=4 if tiny else 200, batch_size=8 if tiny else 32, learning_rate=1e-3,
+      steps=4 if tiny else 180, batch_size=8 if tiny else 32, learning_rate=1e-3,
       sample_steps=4 if tiny else 10, guidance_weight=3.0)
   if tiny:
     for stage in (c.stages.base, c.stages.sr):
@@ -115,6 +115,6 @@ def get_config(arg=None):
 
   # After the last stage: sample the validation captions and measure their alignment.
   c.eval = ml_collections.ConfigDict(dict(
-      after_training=True, batch_size=8 if tiny else 96,
-      num_single=8 if tiny else 128, num_multi=8 if tiny else 32, num_held_out=8 if tiny else 32))
+      after_training=True, batch_size=8 if tiny else 80,
+      num_single=8 if tiny else 128, num_multi=8 if tiny else 16, num_held_out=8 if tiny else 16))
   return c
