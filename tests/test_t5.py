@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_t5_reference import randomize_weights
 
 from imagen_jax.parallel import axes
 from imagen_jax.text import t5 as t5_lib
@@ -165,20 +166,7 @@ def _hf_model(torch, transformers, cfg, seed):
         layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, attn_implementation="eager")
     assert hf_cfg.is_gated_act and hf_cfg.dense_act_fn == "gelu_new"
-    model = transformers.T5EncoderModel(hf_cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        # Every weight random and distinct (norm scales too), so that a swapped or
-        # transposed tensor cannot go unnoticed.
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.3 * noise)
-            elif "relative_attention_bias" in name or "embed" in name or "shared" in name:
-                p.copy_(noise)
-            else:  # Linear [out, in]
-                p.copy_(noise / np.sqrt(p.shape[1]))
-    return model
+    return randomize_weights(torch, transformers.T5EncoderModel(hf_cfg).eval(), seed)
 
 
 def _hf_encode(torch, model, ids, mask):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_t5_reference import randomize_weights
 from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel import mesh as mesh_lib
@@ -76,19 +77,7 @@ def _hf_config(transformers, cfg: T5Config):
 
 def _hf_model(torch, transformers, cfg, seed, cls_name="T5EncoderModel"):
   model = getattr(transformers, cls_name)(_hf_config(transformers, cfg)).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    # Every weight random and distinct (norm scales too): a swapped or transposed tensor
-    # cannot go unnoticed.
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "layer_norm" in name:
-        p.copy_(1.0 + 0.3 * noise)
-      elif "relative_attention_bias" in name or "shared" in name or "embed" in name:
-        p.copy_(noise)
-      else:  # Linear [out, in]
-        p.copy_(noise / np.sqrt(p.shape[1]))
-  return model
+  return randomize_weights(torch, model, seed)
 
 
 def _hf_encoder(torch, transformers, model, cfg):

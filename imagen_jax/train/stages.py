@@ -99,7 +99,7 @@ def validate(config, mesh) -> list[StageSpec]:
     _check_choice(spec.diffusion.prediction, _PREDICTIONS, f"{field}.diffusion.prediction")
     _check_choice(spec.sample.sampler, diffusion.SAMPLERS, f"{field}.sample.sampler")
     _check_choice(spec.sample.time_grid, diffusion.TIME_GRIDS, f"{field}.sample.time_grid")
-    if spec.sample.eta and spec.sample.sampler not in ("ddim",):
+    if spec.sample.eta and spec.sample.sampler != "ddim":
       raise ValueError(f"{field}.sample.eta={spec.sample.eta} only applies to the ddim sampler "
                        f"(got sampler={spec.sample.sampler!r}); set it to 0.")
     _check_choice(spec.sample.thresholding, _THRESHOLDING, f"{field}.sample.thresholding")
