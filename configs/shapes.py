@@ -27,6 +27,9 @@ def stage_config(*, resolution, lowres_resolution, unet, steps, batch_size, lear
   c.lowres_resolution = lowres_resolution  # 0 for the base stage
   c.task = f"shapes_{resolution}"  # seqio task; registered by imagen_jax.data.tasks
   c.train_split = "train"
+  # Precomputed T5 embeddings to train on (`python -m imagen_jax.encode_text --config=...
+  # --stage=NAME --output_dir=DIR`); "" = encode the task's captions in the train step.
+  c.embeddings_dir = ""
   c.unet = ml_collections.ConfigDict(unet)
   c.dtype = "float32"  # compute dtype of the U-Net: float32 | bfloat16
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -37,7 +40,8 @@ def stage_config(*, resolution, lowres_resolution, unet, steps, batch_size, lear
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,
-      grad_clip_norm=1.0, ema_decay=0.995))
+      grad_clip_norm=1.0, ema_decay=0.995,
+      lr_schedule="constant", decay_steps=0, end_lr_fraction=0.0))  # or "cosine" to decay_steps
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch_size, num_steps=steps, log_every=50, checkpoint_every=500,
       keep_checkpoints=2, sample_every=1000, num_sample_images=16,

@@ -177,6 +177,29 @@ def test_optimizer_clips_and_warms_up():
   assert float(optax.tree.norm(updates)) == 0.0
 
 
+def test_cosine_schedule_decays_to_the_end_fraction():
+  """Closed form: lr(s) = end + (peak - end) (1 + cos(pi (s - w) / (D - w))) / 2 after warmup w."""
+  from imagen_jax.train.state import learning_rate_schedule
+  cfg = stages_lib.stage_spec(tiny_config(), "base").optimizer
+  cfg = cfg.__class__(**{**cfg.__dict__, "learning_rate": 1e-3, "warmup_steps": 10,
+                         "lr_schedule": "cosine", "decay_steps": 110, "end_lr_fraction": 0.1})
+  lr = learning_rate_schedule(cfg)
+  peak, end = 1e-3, 1e-4
+  for s in (10, 35, 60, 85, 110, 500):
+    u = min(s - 10, 100) / 100
+    expected = end + (peak - end) * (1 + np.cos(np.pi * u)) / 2
+    np.testing.assert_allclose(float(lr(s)), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(5)), 0.5e-3, rtol=1e-5)  # linear warmup
+
+
+def test_cosine_schedule_needs_decay_steps_past_warmup():
+  config = tiny_config()
+  config.stages.base.optimizer.update(lr_schedule="cosine", decay_steps=1)
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  with pytest.raises(ValueError, match=r"config.stages.base.optimizer.decay_steps=1 must exceed"):
+    stages_lib.validate(config, mesh)
+
+
 T5X_TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "t5x_tiny_t5_1_1")
 
 

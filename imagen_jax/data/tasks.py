@@ -9,6 +9,11 @@ downloaded).
 Each example: image uint8 [R, R, 3]; text_tokens int32 (T5 SentencePiece ids of the
 caption, EOS=1 appended, trimmed to the requested length); caption (raw string);
 attributes (JSON scene, see imagen_jax.data.shapes); key (unique "split/index").
+
+`register_embeddings_task` registers a task over a directory of precomputed T5
+embeddings (`python -m imagen_jax.encode_text`; format in imagen_jax.data.embeddings):
+image uint8 [R, R, 3]; text_embedding [max_length, d_model] zero-padded, in the stored
+dtype; text_mask bool [max_length]; caption; key.
 """
 import functools
 import importlib.resources
@@ -17,7 +22,7 @@ import os
 import seqio
 import tensorflow as tf
 
-from imagen_jax.data import shapes_tfds
+from imagen_jax.data import embeddings, shapes_tfds
 
 DEFAULT_RESOLUTIONS = (16, 32, 64)
 DATA_DIR_ENV = "IMAGEN_SHAPES_DATA_DIR"
@@ -67,6 +72,26 @@ def register_shapes_task(resolution, data_dir=None, task_name=None,
         output_features={
             "text_tokens": seqio.Feature(vocabulary(), add_eos=True, dtype=tf.int32),
         },
+    )
+
+
+def register_embeddings_task(task_name, directory, *, width, max_length, resolution):
+    """Register (or replace) the seqio task `task_name` over the precomputed embeddings in
+    `directory` (every split with metadata there); returns it.
+
+    width: the expected embedding width (config.text.d_model); max_length: the length the
+    embeddings are zero-padded to, with text_mask marking the real tokens; resolution:
+    images of another size are centre-cropped and resized to it. Records whose image does
+    not decode or whose embedding has the wrong width or length are skipped by the input
+    pipeline (pipeline.SplitReader, through ShardsSource.check_record).
+    """
+    info = embeddings.shards_info(directory, width=width, max_length=max_length)
+    seqio.TaskRegistry.remove(task_name)
+    return seqio.TaskRegistry.add(
+        task_name,
+        source=embeddings.ShardsSource(info),
+        preprocessors=[seqio.map_over_dataset(embeddings.decode_fn(info, resolution))],
+        output_features={},
     )
 
 

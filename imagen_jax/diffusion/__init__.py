@@ -1,8 +1,10 @@
 """Continuous-time Gaussian diffusion on log-SNR: schedules, forward process, loss,
-classifier-free guidance, thresholding, noise-conditioning augmentation, time grids and samplers.
+classifier-free guidance, thresholding, noise-conditioning augmentation, time grids, samplers,
+and inpainting inside the samplers (`editing`).
 
 Knows a denoiser only as `denoise_fn(x_t, t, cond) -> prediction` (see the cond contract).
 """
+from imagen_jax.diffusion.editing import Inpainting, make_plan
 from imagen_jax.diffusion.guidance import guided_denoiser
 from imagen_jax.diffusion.losses import diffusion_loss, drop_text, sample_times
 from imagen_jax.diffusion.noise_aug import augment_lowres

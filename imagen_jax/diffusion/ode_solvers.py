@@ -22,30 +22,46 @@ def _ddim(x0, eps, logsnr_s):
   return alpha_s * x0 + sigma_s * eps
 
 
-def dpmpp_2m(x0_eps, x_init, times, logsnrs, steps: int):
+def dpmpp_2m(x0_eps, x_init, times, logsnrs, steps: int, *, edit=None):
   """DPM-Solver++(2M) (Lu et al., 2022, Algorithm 2): multistep, data prediction.
 
   Step t_i -> t_{i+1} with D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i:
     x_{i+1} = sigma_{i+1} / sigma_i x_i - alpha_{i+1} (e^-h - 1) D
             = DDIM(x0_i) + alpha_{i+1} (1 - e^-h) / (2r) (x0_i - x0_{i-1}).
   The first step has no x0_{i-1} and is first order. One denoiser call per step.
+  edit: None, or an `editing.Inpainting` (its plan drives the loop). A step done again
+  after a jump back is first order: the jumped-back state is a new point, off the
+  trajectory of x0_{i-1}, and extrapolating through the old history amplified the jump's
+  noise (Gaussian data, tests/test_editing.py's setting, 50 steps x 4: whitened covariance
+  error against the exact conditional 0.57 with the old history kept, 0.10 without, the
+  same as DDIM's 0.10).
   """
-  def body(i, carry):
+  def body(j, carry):
     x_t, x0_prev, h_prev = carry
+    i = j if edit is None else edit.step[j]
+    if edit is not None:
+      x_t = edit.replace(x_t, i, j)
     x0, eps = x0_eps(x_t, times[i], logsnrs[i])
     h = (logsnrs[i + 1] - logsnrs[i]) / 2
     # 1 / (2r) = h / (2 h_prev); the guard only keeps step 0 (h_prev = 0) finite.
     coef = -jnp.expm1(-h) * h / (2 * jnp.maximum(h_prev, 1e-12))
     coef = jnp.where(i == 0, 0.0, coef)
+    if edit is not None:   # after a jump back there is no history: a first-order step
+      coef = jnp.where(h_prev == 0, 0.0, coef)
     alpha_s, _ = alpha_sigma(logsnrs[i + 1])
     x_s = _ddim(x0, eps, logsnrs[i + 1]) + alpha_s * coef * (x0 - x0_prev)
-    return jnp.where(i == steps - 1, x0, x_s), x0, h
+    x_s = jnp.where(i == steps - 1, x0, x_s)
+    if edit is None:
+      return x_s, x0, h
+    again = edit.renoise_after[j]
+    return edit.maybe_renoise(x_s, i, j), x0, jnp.where(again, 0.0, h)
 
+  calls = steps if edit is None else edit.plan.calls
   carry = (x_init, jnp.zeros_like(x_init), jnp.zeros((), jnp.float32))
-  return jax.lax.fori_loop(0, steps, body, carry)[0]
+  return jax.lax.fori_loop(0, calls, body, carry)[0]
 
 
-def heun(x0_eps, x_init, times, logsnrs, steps: int):
+def heun(x0_eps, x_init, times, logsnrs, steps: int, *, edit=None):
   """EDM's deterministic 2nd-order Heun sampler (Karras et al., 2022, Algorithm 1).
 
   EDM integrates dx_hat/dsigma_hat = (x_hat - x0) / sigma_hat in the scaled variables
@@ -66,11 +82,18 @@ def heun(x0_eps, x_init, times, logsnrs, steps: int):
   Calls: 1 (first step) + 2 per Heun step + 1 (the x0 prediction at t_{steps-1}), i.e.
   max(2 steps - 2, 1). The loop runs over calls, j = 0: step 0; then for step i >= 1 the
   predictor (odd j) and the corrector (even j), so the body holds a single denoiser call.
+  edit: None, or an `editing.Inpainting`, whose plan then gives each call's step and phase
+  (a step done again after a jump back repeats its predictor and corrector).
   """
   def body(j, carry):
     x_i, x_eval, x0_i = carry
-    i, corrector = (j + 1) // 2, (j > 0) & (j % 2 == 0)
+    if edit is None:
+      i, corrector = (j + 1) // 2, (j > 0) & (j % 2 == 0)
+    else:
+      i, corrector = edit.step[j], edit.corrector[j]
     k = i + corrector.astype(i.dtype)   # grid point of this call
+    if edit is not None:
+      x_eval = edit.replace(x_eval, k, j)
     x0, eps = x0_eps(x_eval, times[k], logsnrs[k])
     alpha_next, _ = alpha_sigma(logsnrs[i + 1])
     h = (logsnrs[i + 1] - logsnrs[i]) / 2
@@ -78,10 +101,17 @@ def heun(x0_eps, x_init, times, logsnrs, steps: int):
     euler = _ddim(x0, eps, logsnrs[i + 1])
     predicted = jnp.where(i == steps - 1, x0, jnp.where(i == 0, euler, x_i))
     x_i = jnp.where(corrector, corrected, predicted)
-    return x_i, jnp.where(corrector, corrected, euler), x0
+    x_eval = jnp.where(corrector, corrected, euler)
+    if edit is None:
+      return x_i, x_eval, x0
+    # A jump back restarts step i from its predictor: state and evaluation point alike.
+    back = edit.maybe_renoise(x_i, i, j)
+    again = edit.renoise_after[j]
+    return back, jnp.where(again, back, x_eval), x0
 
+  calls = heun_calls(steps) if edit is None else edit.plan.calls
   carry = (x_init, x_init, jnp.zeros_like(x_init))
-  return jax.lax.fori_loop(0, heun_calls(steps), body, carry)[0]
+  return jax.lax.fori_loop(0, calls, body, carry)[0]
 
 
 def heun_calls(steps: int) -> int:

@@ -190,12 +190,24 @@ class TimeEmbedding(nn.Module):
     return Dense(self.features, names=(MLP, EMBED), dtype=self.dtype, name="dense_out")(h)
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              mask: Optional[jax.Array] = None) -> jax.Array:
+              mask: Optional[jax.Array] = None, impl: str = "einsum") -> jax.Array:
   """Multi-head attention. q [B, N, H, D], k/v [B, S, H, D], mask [B, S] bool.
 
-  Logits and softmax in float32; masked logits underflow to exactly zero weight.
+  Logits and softmax in float32; masked logits get exactly zero weight.
+  impl: "einsum" (explicit einsums and softmax, the default), or
+  `jax.nn.dot_product_attention` with implementation "xla" (XLA's fused attention
+  path) or "cudnn" (cuDNN's fused kernel: NVIDIA GPUs, bfloat16/float16 only).
   """
+  if impl != "einsum":
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention impl={impl!r}: use one of {ATTENTION_IMPLS}.")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None, None, :],
+        scale=q.shape[-1] ** -0.5, implementation=impl)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bnhd,bshd->bhns", q, k,
                       preferred_element_type=jnp.float32) * scale
@@ -231,6 +243,7 @@ class SelfAttention(nn.Module):
   head_dim: int
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see `attention`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -240,7 +253,7 @@ class SelfAttention(nn.Module):
     q = _heads_proj(self, "query", h, self.heads, self.head_dim, self.dtype)
     k = _heads_proj(self, "key", h, self.heads, self.head_dim, self.dtype)
     v = _heads_proj(self, "value", h, self.heads, self.head_dim, self.dtype)
-    out = _out_proj(self, attention(q, k, v), c, self.dtype)
+    out = _out_proj(self, attention(q, k, v, impl=self.attention_impl), c, self.dtype)
     return constrain_image(x + out.reshape(b, hgt, wid, c))
 
 
@@ -254,6 +267,7 @@ class CrossAttention(nn.Module):
   head_dim: int
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see `attention`
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
@@ -263,7 +277,7 @@ class CrossAttention(nn.Module):
     q = _heads_proj(self, "query", h, self.heads, self.head_dim, self.dtype)
     k = _heads_proj(self, "key", context, self.heads, self.head_dim, self.dtype)
     v = _heads_proj(self, "value", context, self.heads, self.head_dim, self.dtype)
-    out = _out_proj(self, attention(q, k, v, mask), c, self.dtype)
+    out = _out_proj(self, attention(q, k, v, mask, self.attention_impl), c, self.dtype)
     return constrain_image(x + out.reshape(b, hgt, wid, c))
 
 
@@ -277,6 +291,7 @@ class AttentionPool(nn.Module):
   heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see `attention`
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -286,7 +301,11 @@ class AttentionPool(nn.Module):
                          (tokens.shape[0], 1, self.heads, self.head_dim))
     k = _heads_proj(self, "key", tokens, self.heads, self.head_dim, self.dtype)
     v = _heads_proj(self, "value", tokens, self.heads, self.head_dim, self.dtype)
-    pooled = _out_proj(self, attention(q, k, v, mask), self.features, self.dtype)[:, 0]
+    # One query: a fused kernel gains nothing, and rows with every token masked (dropped
+    # text) are legal here, which cuDNN's kernel does not promise to handle.
+    impl = "xla" if self.attention_impl == "cudnn" else self.attention_impl
+    pooled = attention(q, k, v, mask, impl)
+    pooled = _out_proj(self, pooled, self.features, self.dtype)[:, 0]
     null = _param(self, "null_vector", nn.initializers.normal(0.02),
                   (self.features,), (EMBED,))
     has_text = jnp.any(mask, axis=-1, keepdims=True)

@@ -11,6 +11,11 @@ Two orderings share one module:
   scaled by 1/sqrt(2). Put more blocks at low resolution via a per-level
   `num_res_blocks` tuple.
 Level i always runs at resolution (image / space_to_depth) / 2**i.
+
+Memory / speed switches (`remat` per block, `attention_impl`, `dtype`) change neither the
+parameters nor, beyond rounding, the outputs (tests/test_unet_switches.py). The U-Net is
+fully convolutional: the same params run at any multiple of `size_multiple` (the
+256->1024 stage trains on 256 crops and samples at 1024).
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ from imagen_jax.models import layers
 from imagen_jax.parallel.axes import EMBED, MLP
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each residual / attention block (jax.checkpoint through nn.remat):
+# what the backward pass may keep from the forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,                 # no remat: keep every activation
+    "full": None,                 # keep only the block's inputs; recompute everything
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep conv / matmul outputs
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +66,14 @@ class UNetConfig:
   input_to_output_skip: bool = False
   num_groups: int = 8                        # GroupNorm groups (min(num_groups, width))
   dtype: str = "float32"                     # compute dtype; params are float32
+  # > 0: attention heads of `attn_head_channels` channels each, as many as the level's
+  # width allows (ADM's num_head_channels, the paper base model's per_head_channels=64);
+  # 0: `attn_heads` x `attn_head_dim` at every level.
+  attn_head_channels: int = 0
+  # Memory / speed switches; none of them changes the parameters or (beyond rounding)
+  # the outputs.
+  remat: str = "none"                        # a key of REMAT_POLICIES, applied per block
+  attention_impl: str = "einsum"             # einsum | xla | cudnn (jax.nn.dot_product_attention)
 
   def __post_init__(self):
     # ml_collections / JSON may hand over lists; keep the dataclass hashable.
@@ -130,6 +152,27 @@ class UNetConfig:
       raise ValueError(f"out_channels={self.out_channels} must be positive.")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype={self.dtype!r}: use one of {_DTYPES}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT_POLICIES)}.")
+    if self.attention_impl not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
+                       f"{layers.ATTENTION_IMPLS}.")
+    if self.attn_head_channels < 0:
+      raise ValueError(f"attn_head_channels={self.attn_head_channels} must be >= 0.")
+    if self.attn_head_channels:
+      levels_with_attn = sorted(set(self.self_attn_levels) | set(self.cross_attn_levels))
+      widths = [self.level_channels[i] for i in levels_with_attn] + [self.cond_dim]
+      bad = [w for w in widths if w % self.attn_head_channels]
+      if bad:
+        raise ValueError(f"attn_head_channels={self.attn_head_channels} does not divide the "
+                         f"widths {bad} (attention levels' channels and cond_dim); pick a "
+                         "divisor of all of them.")
+
+  def attn_shape(self, width: int) -> tuple:
+    """(heads, head_dim) of an attention layer on `width` channels."""
+    if self.attn_head_channels:
+      return width // self.attn_head_channels, self.attn_head_channels
+    return self.attn_heads, self.attn_head_dim
 
   def num_params(self, image_size: Union[int, tuple] = 32, text_len: int = 8,
                  lowres_size: Optional[Union[int, tuple]] = None) -> int:
@@ -203,8 +246,9 @@ class UNet(nn.Module):
       tokens = layers.Dense(cfg.cond_dim, names=(EMBED, MLP), dtype=dtype,
                             name="text_proj")(tokens)
       tokens = nn.with_logical_constraint(tokens, layers.TOKEN_AXES)
-      emb = emb + layers.AttentionPool(cfg.cond_dim, cfg.attn_heads, cfg.attn_head_dim,
-                                       dtype=dtype, name="text_pool")(tokens, mask)
+      emb = emb + layers.AttentionPool(cfg.cond_dim, *cfg.attn_shape(cfg.cond_dim),
+                                       dtype=dtype, attention_impl=cfg.attention_impl,
+                                       name="text_pool")(tokens, mask)
       # A learned, always-visible null token makes fully masked rows well-defined.
       null = self.param("null_text_token",
                         nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED,)),
@@ -214,17 +258,28 @@ class UNet(nn.Module):
       context_mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
     emb = nn.silu(emb)  # every consumer (the FiLM projections) wants silu(cond)
 
+    # Per-block rematerialisation: parameter names and values are those of the plain blocks.
+    res_cls, self_attn_cls, cross_attn_cls = (
+        layers.ResBlock, layers.SelfAttention, layers.CrossAttention)
+    if cfg.remat != "none":
+      policy = REMAT_POLICIES[cfg.remat]
+      res_cls = nn.remat(res_cls, policy=policy, static_argnums=(3,))  # `train` (self is 0)
+      self_attn_cls = nn.remat(self_attn_cls, policy=policy)
+      cross_attn_cls = nn.remat(cross_attn_cls, policy=policy)
+
     def attend(level: int, h: jax.Array, tag: str) -> jax.Array:
+      heads, head_dim = cfg.attn_shape(h.shape[-1])
       if level in cfg.self_attn_levels:
-        h = layers.SelfAttention(cfg.attn_heads, cfg.attn_head_dim, groups, dtype=dtype,
-                                 name=f"{tag}_self_attn")(h)
+        h = self_attn_cls(heads, head_dim, groups, dtype=dtype,
+                          attention_impl=cfg.attention_impl, name=f"{tag}_self_attn")(h)
       if level in cfg.cross_attn_levels:
-        h = layers.CrossAttention(cfg.attn_heads, cfg.attn_head_dim, groups, dtype=dtype,
-                                  name=f"{tag}_cross_attn")(h, context, context_mask)
+        h = cross_attn_cls(heads, head_dim, groups, dtype=dtype,
+                           attention_impl=cfg.attention_impl,
+                           name=f"{tag}_cross_attn")(h, context, context_mask)
       return h
 
     def res_block(ch: int, h: jax.Array, name: str) -> jax.Array:
-      return layers.ResBlock(ch, groups, cfg.dropout, dtype=dtype, name=name)(h, emb, train)
+      return res_cls(ch, groups, cfg.dropout, dtype=dtype, name=name)(h, emb, train)
 
     # --- input: low-res conditioning, space-to-depth, stem ---
     x = x_t.astype(jnp.float32)

@@ -22,16 +22,21 @@ class SampleSettings:
 
 
 def make_stage_sampler(unet: nn.Module, settings: SampleSettings, *, schedule: str,
-                       prediction: str, resolution: int, lowres_resolution: int):
-  """Returns a jitted fn(params, rng, text, text_mask, lowres) -> images in [-1, 1].
+                       prediction: str, resolution: int, lowres_resolution: int,
+                       resample_steps: int = 1):
+  """Returns a jitted fn(params, rng, text, text_mask, lowres, known, mask) -> images in [-1, 1].
 
   `lowres` is the previous stage's output (float, [-1, 1]) for SR stages and None for the
   base stage. The whole reverse process, guidance included, is one compiled call.
+  Inpainting: `known` (float [B, R, R, 3] in [-1, 1], at this stage's resolution) and
+  `mask` ([B, R, R, 1], 1 = keep known, 0 = generate) make the stage keep `known` where
+  mask is 1 (`diffusion.sample`'s known=; resample_steps: RePaint resampling). With
+  known=None (the default) sampling is exactly what it is without these arguments.
   """
   sched = diffusion.get_schedule(schedule)
 
   @jax.jit
-  def run(params, rng, text, text_mask, lowres=None):
+  def run(params, rng, text, text_mask, lowres=None, known=None, mask=None):
     aug_rng, sample_rng = jax.random.split(rng)
     cond = {"text": text, "text_mask": text_mask}
     if lowres_resolution:
@@ -40,15 +45,18 @@ def make_stage_sampler(unet: nn.Module, settings: SampleSettings, *, schedule: s
       lowres, aug_t = diffusion.augment_lowres(lowres, aug_rng, sched,
                                                aug_t=settings.lowres_aug_t)
       cond.update(lowres=lowres, lowres_aug_t=aug_t)
+    if (known is None) != (mask is None):
+      raise ValueError("Inpainting needs both `known` and `mask`.")
 
     def denoise_fn(x_t, t, c):
       return unet.apply({"params": params}, x_t, t, c, train=False)
 
     shape = (text.shape[0], resolution, resolution, 3)
+    editing = {} if known is None else dict(known=(known, mask), resample_steps=resample_steps)
     return diffusion.sample(
         denoise_fn, sample_rng, shape, cond, schedule=sched, prediction=prediction,
         sampler=settings.sampler, steps=settings.steps, time_grid=settings.time_grid,
         guidance_weight=settings.guidance_weight, thresholding=settings.thresholding,
-        percentile=settings.percentile, eta=settings.eta)
+        percentile=settings.percentile, eta=settings.eta, **editing)
 
   return run

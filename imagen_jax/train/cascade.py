@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import time
 
+import jax
 from absl import logging
 
-from imagen_jax.data import pipeline
+from imagen_jax.data import embeddings, pipeline
+from imagen_jax.parallel import distributed
 from imagen_jax.train import faults
 from imagen_jax.train.loop import train_stage
+from imagen_jax.train.step import text_features
 from imagen_jax.train.workdir import prepare_run
 
 
@@ -24,26 +27,34 @@ def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
   steps = {}
   with faults.handle_sigterm():  # a SIGTERM between stages stops before the next one
     for spec in specs:
-      if faults.sigterm_received():
+      if faults.sigterm_anywhere():  # any host's SIGTERM stops every host
         raise faults.Preempted(spec.name)
       steps[spec.name] = _train_one(config, run, spec, workdir)
-    if faults.sigterm_received():  # during the last step: stop before anything else starts
+    if faults.sigterm_anywhere():  # during the last step: stop before anything else starts
       raise faults.Preempted(spec.name, steps[spec.name], steps[spec.name])
   logging.info("Trained %s in %.0fs.", steps, time.time() - t_start)
   return steps
 
 
 def _train_one(config, run, spec, workdir: str) -> int:
-  """Trains one stage on its seqio task; returns its final step."""
+  """Trains one stage on its seqio task (or its precomputed embeddings); returns its final
+  step."""
   max_length = config.text.max_length
-  task = pipeline.register_task(config, spec.task)
+  # Sample-grid captions in either mode. Host 0 first: it generates a missing built-in
+  # dataset, which the other hosts then find in place.
+  task = distributed.host0_first(lambda: pipeline.register_task(config, spec.task))
+  train_task, keys = task, ("image", "text_tokens", "key")
+  if spec.embeddings_dir:  # the train step reads stored embeddings and skips the encoder
+    train_task, keys = pipeline.register_embeddings_task(config, spec.name), embeddings.TRAIN_KEYS
+    check_embeddings_encoder(spec, run)
 
   def make_batches(start_step):
     # Batch s is a function of (seed, stage, s): a resumed run continues the very stream
     # an uninterrupted run trains on.
-    return pipeline.train_batches(task, spec.train_split, global_batch_size=spec.train.batch_size,
+    return pipeline.train_batches(train_task, spec.train_split,
+                                  global_batch_size=spec.train.batch_size,
                                   max_length=max_length, seed=config.seed, stream=spec.name,
-                                  start_step=start_step)
+                                  start_step=start_step, keys=keys)
 
   state = train_stage(
       spec, workdir=workdir, mesh=run.mesh, rules=run.rules, text_encoder=run.text_encoder,
@@ -52,3 +63,13 @@ def _train_one(config, run, spec, workdir: str) -> int:
                                            max_length=max_length),
       seed=config.seed, max_length=max_length)
   return int(state.step)
+
+
+def check_embeddings_encoder(spec, run) -> float:
+  """The stage's precomputed embeddings must come from the run's encoder (the one the
+  sampler will use): its embedding of the probe caption stored with them must match.
+  Returns the relative difference; raises beyond embeddings.PROBE_TOLERANCE."""
+  meta = embeddings.read_metadata(spec.embeddings_dir, spec.train_split)
+  encode = jax.jit(lambda params, ids: text_features(run.text_encoder, params, ids)[0])
+  return embeddings.check_encoder(meta, lambda ids: encode(run.text_params, ids),
+                                  field=f"config.stages.{spec.name}.embeddings_dir")

@@ -20,8 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from imagen_jax.parallel import axes, distributed
 from imagen_jax.text import T5Config, T5Encoder, init_params
-from imagen_jax.train import stages
+from imagen_jax.text.t5 import param_shapes as t5_param_shapes
+from imagen_jax.train import paths, stages
 
 
 def abstract_like(tree, shardings):
@@ -33,7 +35,7 @@ def abstract_like(tree, shardings):
 def stage_manager(workdir: str, stage: str, *, async_save: bool = True):
   """The orbax manager of a stage's checkpoints. It deletes nothing itself: `Saver` prunes
   old checkpoints, and only once a newer one is complete."""
-  directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
+  directory = paths.absolute(os.path.join(workdir, stage, "checkpoints"))
   options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(directory, options=options)
@@ -76,12 +78,19 @@ def set_aside(manager: ocp.CheckpointManager, steps) -> None:
   orbax), so that training can save those steps again."""
   if jax.process_index() == 0:
     for step in steps:
-      src = os.path.join(manager.directory, str(step))
+      src = os.path.join(str(manager.directory), str(step))
       dst, n = f"{src}.unreadable", 1
-      while os.path.exists(dst):
+      while paths.exists(dst):
         dst, n = f"{src}.unreadable.{n}", n + 1
-      os.rename(src, dst)
+      try:
+        paths.rename(src, dst)
+      except Exception as e:  # pylint: disable=broad-except  (e.g. a bucket's directory)
+        logging.warning("Could not move the unreadable checkpoint %s aside (%s: %s); delete "
+                        "it, or its step will not be saved again.", src, type(e).__name__,
+                        _brief(e))
+        continue
       logging.warning("Moved the unreadable checkpoint %s to %s.", src, dst)
+  distributed.barrier("checkpoint_set_aside")  # the other hosts reload after the renames
   manager.reload()
 
 
@@ -157,48 +166,67 @@ class Saver:
 
 
 def save_text_encoder(workdir: str, params, t5_config) -> None:
-  directory = os.path.abspath(os.path.join(workdir, "text_encoder"))
+  directory = paths.absolute(os.path.join(workdir, "text_encoder"))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "t5_config.json"), "w") as f:
-      fields = dataclasses.asdict(t5_config)
-      fields["dtype"] = str(np.dtype(fields["dtype"]))  # e.g. "bfloat16"; JSON-friendly
-      json.dump(fields, f, indent=2)
+    fields = dataclasses.asdict(t5_config)
+    fields["dtype"] = str(np.dtype(fields["dtype"]))  # e.g. "bfloat16"; JSON-friendly
+    paths.write_text(os.path.join(directory, "t5_config.json"), json.dumps(fields, indent=2))
 
 
 def text_encoder_saved(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, "text_encoder", "t5_config.json"))
+  return paths.exists(os.path.join(workdir, "text_encoder", "t5_config.json"))
 
 
-def load_text_encoder(workdir: str, config_cls):
-  """Returns (params, t5_config) saved by `save_text_encoder`."""
-  directory = os.path.abspath(os.path.join(workdir, "text_encoder"))
-  with open(os.path.join(directory, "t5_config.json")) as f:
-    t5_config = config_cls(**json.load(f))
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+def load_text_encoder(workdir: str, config_cls, sharding=None):
+  """Returns (params, t5_config) saved by `save_text_encoder`; with `sharding` (a tree of
+  shardings like the params, or one for every leaf; needed on several hosts) the params
+  are restored straight into it."""
+  directory = paths.absolute(os.path.join(workdir, "text_encoder"))
+  t5_config = config_cls(**json.loads(paths.read_text(os.path.join(directory, "t5_config.json"))))
+  target = None
+  if sharding is not None:
+    shapes = t5_param_shapes(t5_config)
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, shapes)
+    target = abstract_like(shapes, sharding)
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
   return params, t5_config
 
 
-def frozen_text_encoder(config, workdir: str) -> tuple[T5Encoder, object]:
+def frozen_text_encoder(config, workdir: str, mesh=None, rules=None) -> tuple[T5Encoder, object]:
   """The run's T5 encoder: restored from the workdir, else created and saved there.
 
   Its weights are saved with the run so that sampling later sees the same text features.
+  With `mesh` (needed on several hosts) the params are sharded over it by the logical
+  axis `rules` (default axes.DEFAULT_RULES), each host placing only its devices' shards.
   """
-  if text_encoder_saved(workdir):
-    params, t5 = load_text_encoder(workdir, T5Config)
-    if t5 != stages.t5_config(config):
+  wanted = stages.t5_config(config)
+  rules = axes.DEFAULT_RULES if rules is None else rules
+  shardings = None if mesh is None else text_shardings(wanted, mesh, rules)
+  # Host 0's view decides, so that every host takes the same (collective) path.
+  if distributed.host0_value(text_encoder_saved(workdir)):
+    params, t5 = load_text_encoder(workdir, T5Config, shardings)
+    if t5 != wanted:
       raise ValueError(f"config.text differs from the encoder saved in {workdir}/text_encoder "
                        f"({t5}); use a new workdir or the original config.")
     return T5Encoder(t5), params
-  t5 = stages.t5_config(config)
   if config.text.checkpoint:
-    params, t5 = _pretrained_text_encoder(config.text.checkpoint, t5)
+    params, t5 = _pretrained_text_encoder(config.text.checkpoint, wanted, mesh, rules)
   else:
-    params = init_params(t5, config.text.init_seed)
+    t5, params = wanted, init_params(wanted, config.text.init_seed)
+    if shardings is not None:  # seeded: the same values on every host
+      params = jax.tree.map(distributed.put, params, shardings)
   save_text_encoder(workdir, params, t5)
   return T5Encoder(t5), params
+
+
+def text_shardings(t5: T5Config, mesh, rules):
+  """Shardings of the T5 params over `mesh` by the logical axis rules."""
+  from imagen_jax.text.pretrained import param_shardings  # pylint: disable=import-outside-toplevel
+  return param_shardings(t5, mesh, rules)
 
 
 # Fields of config.text that must agree with a pretrained checkpoint's architecture.
@@ -206,12 +234,14 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "hea
                         "relative_attention_num_buckets", "relative_attention_max_distance")
 
 
-def _pretrained_text_encoder(path: str, wanted: T5Config):
+def _pretrained_text_encoder(path: str, wanted: T5Config, mesh=None, rules=axes.DEFAULT_RULES):
   """(params, T5Config) of a T5X / Hugging Face / converted checkpoint, checked against the
-  architecture config.text describes (the U-Nets' text width is config.text.d_model)."""
+  architecture config.text describes (the U-Nets' text width is config.text.d_model).
+  With `mesh`, each host reads only the slices its devices hold."""
   from imagen_jax.text.pretrained import PretrainedT5Encoder  # pylint: disable=import-outside-toplevel
   encoder = PretrainedT5Encoder.from_pretrained(
-      path, dtype=wanted.dtype, max_distance=wanted.relative_attention_max_distance)
+      path, dtype=wanted.dtype, max_distance=wanted.relative_attention_max_distance,
+      mesh=mesh, rules=rules)
   found = encoder.config
   wrong = [f"config.text.{f}={getattr(wanted, f)} (the checkpoint has {getattr(found, f)})"
            for f in _ARCHITECTURE_FIELDS if getattr(wanted, f) != getattr(found, f)]

@@ -6,6 +6,12 @@
   resumes.
 - A NaN or Inf in the loss or the gradients: the train step drops that update (see
   train/step.py); `NonfiniteGuard` stops the run after K such steps in a row.
+
+Several hosts: a SIGTERM may reach one host, or all of them at different moments, and
+hosts that stopped at different steps would wait on each other's collectives forever. So
+the hosts decide together (`PreemptionCheck`, `sigterm_anywhere`): all stop at the same
+step boundary, the first one after the signal reached any of them has been shared (one
+step later than on one host), and save that step's checkpoint together.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import threading
 
 import jax
 from absl import logging
+
+from imagen_jax.parallel import distributed
 
 # sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to retry": the run saved
 # its state and stopped because it was asked to, not because it failed or finished.
@@ -70,7 +78,26 @@ def handle_sigterm():
 
 
 def sigterm_received() -> bool:
+  """Whether this process received SIGTERM (see `sigterm_anywhere` on several hosts)."""
   return _sigterm.is_set()
+
+
+def sigterm_anywhere() -> bool:
+  """Whether any host received SIGTERM; the same answer on every host. Blocking, and every
+  host must call it at the same point (between stages, say)."""
+  return distributed.any_host(sigterm_received())
+
+
+class PreemptionCheck:
+  """`check()` at every step boundary: True when the run must stop there, on every host at
+  the same step. One host: at the first boundary after its SIGTERM. Several: one boundary
+  later, without a blocking round trip per step (distributed.AgreedFlag)."""
+
+  def __init__(self):
+    self._agreed = distributed.AgreedFlag()
+
+  def check(self) -> bool:
+    return self._agreed.poll(sigterm_received())
 
 
 class NonfiniteGuard:

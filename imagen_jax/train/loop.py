@@ -1,7 +1,9 @@
 """The training loop of one cascade stage, in named sections (after big_vision's)."""
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import time
 import zlib
 
@@ -10,13 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax.models import UNet
+from imagen_jax.parallel import distributed
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample.grid import make_grid
 from imagen_jax.sample.stage_sampler import make_stage_sampler
 from imagen_jax.train import checkpoint as ckpt
 from imagen_jax.train import faults
+from imagen_jax.train import paths
 from imagen_jax.train.compile_options import run_rarely_options
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.stages import StageSpec
@@ -64,6 +69,9 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   optimizer = make_optimizer(spec.optimizer)
   text_dim = text_encoder.config.d_model
   rng = jax.random.fold_in(jax.random.key(seed), zlib_hash(spec.name))
+  # Several hosts: each compiles the same programs; starting them together keeps the
+  # hosts within the ~30 s that CPU collectives (gloo) wait for a late one.
+  distributed.barrier("create_train_state")
   state, shardings = create_train_state(
       unet, example_inputs(spec, text_dim, max_length), optimizer, rng=rng, mesh=mesh,
       rules=rules)
@@ -111,11 +119,13 @@ def _compile_and_loop(spec, state, shardings, saver, *, unet, optimizer, text_en
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   train_step = make_train_step(unet, text_encoder, spec.diffusion, optimizer,
                                ema_decay=spec.optimizer.ema_decay,
-                               lowres_resolution=spec.lowres_resolution)
+                               lowres_resolution=spec.lowres_resolution,
+                               train_crop=spec.train_crop)
   key_log = _KeyLog(stage_dir, spec.train.log_example_keys)
   batches = make_batches(start_step)
   global_batch = _global_batch(next(batches), start_step, mesh, rules, key_log)
   t0 = time.time()
+  distributed.barrier("compile_train_step")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(
         train_step, in_shardings=(shardings, batch_sharding, None),
@@ -127,11 +137,12 @@ def _compile_and_loop(spec, state, shardings, saver, *, unet, optimizer, text_en
 
   # ---- The loop. ----
   guard = faults.NonfiniteGuard(spec.name, spec.train.max_consecutive_nonfinite)
+  preemption = faults.PreemptionCheck()  # the same stop step on every host
   images_per_step = spec.train.batch_size
   t_last, step_last = time.time(), start_step
   batch = global_batch  # the one used for compilation is the first trained on
   for step in range(start_step, spec.train.num_steps):
-    if faults.sigterm_received():  # a step boundary: the state is that of `step`
+    if preemption.check():  # a step boundary: the state is that of `step`
       _stop_for_preemption(spec.name, state, step, saver)
     if step > start_step:
       batch = _global_batch(next(batches), step, mesh, rules, key_log)
@@ -187,11 +198,19 @@ class _KeyLog:
 
   Written before the step runs and closed each time, so a killed run loses no line of a
   step it trained; a resumed run appends the steps it trains again after the checkpoint.
+  A bucket (gs://) has no appends: with a workdir there, the file goes to this host's
+  temporary directory instead.
   """
 
   def __init__(self, stage_dir: str, enabled: bool):
     self.path = None
     if enabled:
+      if paths.is_url(stage_dir):
+        local = os.path.join(tempfile.gettempdir(), "imagen_jax_example_keys",
+                             os.path.basename(stage_dir.rstrip("/")))
+        logging.warning("train.log_example_keys: %s is not a local directory; writing the "
+                        "example keys to %s on each host.", stage_dir, local)
+        stage_dir = local
       os.makedirs(stage_dir, exist_ok=True)
       self.path = os.path.join(stage_dir, f"example_keys.process_{jax.process_index()}.txt")
 
@@ -219,29 +238,39 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
                            prediction=spec.diffusion.prediction, resolution=spec.resolution,
                            lowres_resolution=spec.lowres_resolution)
   n = min(spec.train.num_sample_images, len(sample_batch["text_tokens"]))
-  tokens = jnp.asarray(sample_batch["text_tokens"][:n])
+  # The sample batch is the same on every host (pipeline.first_examples): replicated
+  # over the mesh, it joins the global params in one program across hosts.
+  replicated = NamedSharding(mesh, P())
+  tokens = distributed.put(sample_batch["text_tokens"][:n], replicated)
   captions = [c.decode() if isinstance(c, bytes) else str(c) for c in sample_batch["caption"][:n]]
   lowres = None
   if spec.lowres_resolution:
     lowres = downsample(images_to_float(jnp.asarray(sample_batch["image"][:n])),
                         spec.lowres_resolution)
+    lowres = distributed.put(lowres, replicated)
+  key = jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
 
   compiled = None
+  encode = jax.jit(lambda params, ids: text_features(text_encoder, params, ids))
 
   def write(ema_params, step):
     nonlocal compiled
     # Every host runs the sampler (the params are global arrays); host 0 writes.
-    text, mask = text_features(text_encoder, text_params, tokens)
-    args = (ema_params, jax.random.key(seed), text, mask, lowres)
+    if compiled is None:
+      distributed.barrier("compile_sampler")
+    text, mask = encode(text_params, tokens)
+    args = (ema_params, key, text, mask, lowres)
     if compiled is None:  # a few small batches per run: compile for compile speed
       compiled = run.lower(*args).compile(compiler_options=run_rarely_options())
     images = compiled(*args)
-    images = np.asarray(jax.device_get(float_to_images(images)))
+    images = distributed.fetch(float_to_images(images))
     if jax.process_index() != 0:
       return
     grid = make_grid(images, captions)
-    os.makedirs(os.path.join(stage_dir, "samples"), exist_ok=True)
-    grid.save(os.path.join(stage_dir, "samples", f"step_{step:07d}.png"))
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    paths.makedirs(os.path.join(stage_dir, "samples"))  # local or gs://
+    paths.write_bytes(os.path.join(stage_dir, "samples", f"step_{step:07d}.png"), png.getvalue())
     writer.image(step, "samples", np.asarray(grid))
 
   return write

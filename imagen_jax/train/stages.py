@@ -12,7 +12,7 @@ from imagen_jax.models import UNetConfig
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample.stage_sampler import SampleSettings
 from imagen_jax.text import T5Config
-from imagen_jax.train.state import OptimizerConfig
+from imagen_jax.train.state import OPTIMIZERS, OptimizerConfig, learning_rate_schedule
 from imagen_jax.train.step import DiffusionSettings
 
 _SCHEDULES = ("cosine", "linear")
@@ -46,6 +46,12 @@ class StageSpec:
   optimizer: OptimizerConfig
   train: TrainSettings
   sample: SampleSettings
+  # SR stages: > 0 trains on random train_crop x train_crop crops of the images (and the
+  # matching low-res regions); sampling still runs at `resolution` (fully convolutional).
+  train_crop: int = 0
+  # Precomputed T5 embeddings (`python -m imagen_jax.encode_text`) to train on; "" encodes
+  # the captions of `task` on the fly. `task` still supplies the sample-grid captions.
+  embeddings_dir: str = ""
 
 
 def dtype(name: str, field: str) -> str:
@@ -74,12 +80,44 @@ def stage_spec(config, name: str) -> StageSpec:
       train_split=s.train_split, unet=unet,
       diffusion=DiffusionSettings(**dict(s.diffusion)),
       optimizer=OptimizerConfig(**dict(s.optimizer)),
-      train=TrainSettings(**dict(s.train)), sample=SampleSettings(**dict(s.sample)))
+      train=TrainSettings(**dict(s.train)), sample=SampleSettings(**dict(s.sample)),
+      train_crop=int(s.get("train_crop", 0)),
+      embeddings_dir=str(s.get("embeddings_dir", "") or ""))
 
 
 def _check_choice(value, choices, field):
   if value not in choices:
     raise ValueError(f"{field}={value!r} is not one of {choices}.")
+
+
+def _check_crop(spec: StageSpec, field: str) -> None:
+  """A training crop must be an SR stage's whole low-res pixels and fit the U-Net."""
+  crop, res, low = spec.train_crop, spec.resolution, spec.lowres_resolution
+  if not low:
+    raise ValueError(f"{field}.train_crop={crop}: crops are for super-resolution stages "
+                     "(lowres_resolution > 0); set it to 0.")
+  if not 0 < crop <= res:
+    raise ValueError(f"{field}.train_crop={crop} must be in (0, resolution={res}].")
+  if res % low:
+    raise ValueError(f"{field}.train_crop needs resolution={res} to be a multiple of "
+                     f"lowres_resolution={low}.")
+  if crop % (res // low):
+    raise ValueError(f"{field}.train_crop={crop} must be a multiple of resolution / "
+                     f"lowres_resolution = {res // low}, so that it covers whole low-res "
+                     f"pixels (e.g. {max(res // low, crop // (res // low) * (res // low))}).")
+  try:
+    spec.unet.validate(crop)
+  except ValueError as e:
+    raise ValueError(f"{field}.train_crop={crop}: {e}") from None
+
+
+def _check_embeddings(config, spec: StageSpec, field: str) -> None:
+  """Precomputed embeddings must exist, be complete and fit config.text (width, length)."""
+  # Imported here: tensorflow, which runs without embeddings (bench/shapes_cascade.py) skip.
+  from imagen_jax.data import embeddings  # pylint: disable=import-outside-toplevel
+  embeddings.check_for_training(spec.embeddings_dir, spec.train_split,
+                                d_model=config.text.d_model, max_length=config.text.max_length,
+                                field=f"{field}.embeddings_dir")
 
 
 def validate(config, mesh) -> list[StageSpec]:
@@ -103,6 +141,7 @@ def validate(config, mesh) -> list[StageSpec]:
       raise ValueError(f"{field}.sample.eta={spec.sample.eta} only applies to the ddim sampler "
                        f"(got sampler={spec.sample.sampler!r}); set it to 0.")
     _check_choice(spec.sample.thresholding, _THRESHOLDING, f"{field}.sample.thresholding")
+    _check_choice(spec.optimizer.name, OPTIMIZERS, f"{field}.optimizer.name")
     try:
       spec.unet.validate(spec.resolution)
     except ValueError as e:
@@ -110,6 +149,14 @@ def validate(config, mesh) -> list[StageSpec]:
     if spec.lowres_resolution and spec.lowres_resolution >= spec.resolution:
       raise ValueError(f"{field}.lowres_resolution={spec.lowres_resolution} must be smaller "
                        f"than {field}.resolution={spec.resolution}.")
+    if spec.train_crop:
+      _check_crop(spec, field)
+    if spec.embeddings_dir:
+      _check_embeddings(config, spec, field)
+    try:
+      learning_rate_schedule(spec.optimizer)
+    except ValueError as e:
+      raise ValueError(f"{field}.{e}") from None
     mesh_lib.check_batch_size(spec.train.batch_size, mesh, rules, f"{field}.train.batch_size")
     if spec.train.num_steps < 0:
       raise ValueError(f"{field}.train.num_steps must be >= 0.")
@@ -123,7 +170,6 @@ def validate(config, mesh) -> list[StageSpec]:
       raise ValueError(
           f"config.stages.{cur.name}.lowres_resolution={cur.lowres_resolution} must equal the "
           f"previous stage's resolution ({prev.name}: {prev.resolution}) for the cascade to chain.")
-  if specs and specs[0].lowres_resolution:
-    raise ValueError(f"The first stage ({specs[0].name}) must be a base stage "
-                     "(lowres_resolution=0).")
+  # A config may hold SR stages alone (the paper trains every stage on its own, e.g.
+  # configs/imagen_sr256.py); a cascade's stages chain as checked above.
   return specs

@@ -34,15 +34,50 @@ class OptimizerConfig:
   eps: float = 1e-8
   grad_clip_norm: float = 1.0
   ema_decay: float = 0.9999
+  # After warmup: "constant", or "cosine" decay to end_lr_fraction x the rate at
+  # decay_steps (counted from step 0, warmup included) and constant after.
+  lr_schedule: str = "constant"
+  decay_steps: int = 0
+  end_lr_fraction: float = 0.0
+  # adam | adafactor (optax.adafactor with its default parameters, as the paper's base
+  # model; b1, b2 and eps apply to adam only). Adafactor keeps factored second moments
+  # (a row and a column vector per matrix), so its state is a fraction of Adam's.
+  name: str = "adam"
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Linear warmup from 0, then constant or cosine-decayed (cfg.lr_schedule)."""
+  warmup = max(cfg.warmup_steps, 1)
+  if cfg.lr_schedule == "constant":
+    return optax.linear_schedule(0.0, cfg.learning_rate, warmup)
+  if cfg.lr_schedule == "cosine":
+    if cfg.decay_steps <= cfg.warmup_steps:
+      raise ValueError(f"optimizer.decay_steps={cfg.decay_steps} must exceed "
+                       f"optimizer.warmup_steps={cfg.warmup_steps} for the cosine schedule.")
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup, cfg.decay_steps,
+        end_value=cfg.learning_rate * cfg.end_lr_fraction)
+  raise ValueError(f"optimizer.lr_schedule={cfg.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+
+
+OPTIMIZERS = ("adam", "adafactor")
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  """Adam with linear warmup to a constant rate and global-norm gradient clipping."""
-  schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+  """Adam (or Adafactor) with the warmup (+ decay) schedule and global-norm clipping."""
+  schedule = learning_rate_schedule(cfg)
   chain = []
   if cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  if cfg.name == "adam":
+    chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  elif cfg.name == "adafactor":
+    chain.append(optax.adafactor(schedule))
+  else:
+    raise ValueError(f"optimizer name={cfg.name!r}: use one of {OPTIMIZERS}.")
   return optax.chain(*chain)
 
 
@@ -93,12 +128,19 @@ def create_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rn
 
 
 def _rebox_like(opt_state, params, boxed):
-  """Puts the params' logical boxes around every params-shaped subtree of opt_state."""
+  """Puts the params' logical boxes around every params-shaped subtree of opt_state.
+
+  Only leaves of the param's own shape get its box (Adam's moments); others, such as
+  Adafactor's factored row / column statistics, stay unboxed and are replicated.
+  """
   params_def = jax.tree.structure(params)
+
+  def rebox_leaf(box, leaf):
+    return box.replace_boxed(leaf) if leaf.shape == box.unbox().shape else leaf
 
   def rebox(subtree):
     if jax.tree.structure(subtree) == params_def:
-      return jax.tree.map(lambda box, leaf: box.replace_boxed(leaf), boxed, subtree,
+      return jax.tree.map(rebox_leaf, boxed, subtree,
                           is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return subtree
 

@@ -37,18 +37,60 @@ def downsample(x: jax.Array, resolution: int) -> jax.Array:
 
 
 def text_features(text_encoder: nn.Module, text_params, tokens: jax.Array):
-  """Frozen T5 features and mask for padded token ids (pad id 0)."""
+  """Frozen T5 features and mask for padded token ids (pad id 0).
+
+  Padded positions are zero (the U-Nets mask them, so this changes no output), which makes
+  them equal to precomputed embeddings re-padded by the input pipeline.
+  """
   mask = tokens > 0
   text = text_encoder.apply({"params": text_params}, tokens, mask)
-  return jax.lax.stop_gradient(text.astype(jnp.float32)), mask
+  text = jnp.where(mask[..., None], text.astype(jnp.float32), 0.0)
+  return jax.lax.stop_gradient(text), mask
+
+
+def batch_text(batch, text_encoder: nn.Module | None, text_params):
+  """(text [B, L, D] float32, mask [B, L]) of a training batch: its precomputed
+  "text_embedding" + "text_mask" (stored as bfloat16 / float16 / float32; the encoder is
+  not run), else the frozen encoder applied to its "text_tokens"."""
+  if "text_embedding" in batch:
+    text = batch["text_embedding"].astype(jnp.float32)
+    return jax.lax.stop_gradient(text), batch["text_mask"].astype(bool)
+  if text_encoder is None:
+    raise ValueError("The batch has text_tokens, not text embeddings, but no text encoder "
+                     "was given.")
+  return text_features(text_encoder, text_params, batch["text_tokens"])
+
+
+def random_crop_pair(x0: jax.Array, lowres: jax.Array, crop: int, rng: jax.Array):
+  """The same random region of each high-res image x0 [B, R, R, C] and of its low-res copy
+  lowres [B, r, r, C]: crop x crop high-res pixels at offsets that are multiples of R / r,
+  and the (crop r / R)^2 low-res pixels they were downsampled to (per example offsets).
+
+  Fully convolutional SR training (the paper's 256->1024 model trains on 64->256 crops).
+  """
+  batch, res = x0.shape[0], x0.shape[1]
+  factor = res // lowres.shape[1]
+  lcrop = crop // factor
+  offsets = jax.random.randint(rng, (batch, 2), 0, lowres.shape[1] - lcrop + 1)
+
+  def one(x, low, offset):
+    hi = jax.lax.dynamic_slice(x, (offset[0] * factor, offset[1] * factor, 0),
+                               (crop, crop, x.shape[-1]))
+    lo = jax.lax.dynamic_slice(low, (offset[0], offset[1], 0), (lcrop, lcrop, low.shape[-1]))
+    return hi, lo
+
+  return jax.vmap(one)(x0, lowres, offsets)
 
 
 def make_conditioning(x0, text, text_mask, rng, *, lowres_resolution: int, schedule,
-                      max_lowres_aug_t: float, lowres_aug_t: float | None = None):
-  """The `cond` dict of a stage; SR stages get a noise-augmented low-res copy of x0."""
+                      max_lowres_aug_t: float, lowres_aug_t: float | None = None,
+                      lowres: jax.Array | None = None):
+  """The `cond` dict of a stage; SR stages get a noise-augmented low-res copy of x0
+  (`lowres`, if given, is that copy already made, e.g. the matching crop)."""
   cond = {"text": text, "text_mask": text_mask}
   if lowres_resolution:
-    lowres = downsample(x0, lowres_resolution)
+    if lowres is None:
+      lowres = downsample(x0, lowres_resolution)
     if lowres_aug_t is None:
       lowres, aug_t = diffusion.augment_lowres(lowres, rng, schedule, max_aug_t=max_lowres_aug_t)
     else:
@@ -64,17 +106,31 @@ def keep_if_finite(finite: jax.Array, new, old):
 
 def make_train_step(unet: nn.Module, text_encoder: nn.Module, settings: DiffusionSettings,
                     optimizer: optax.GradientTransformation, *, ema_decay: float,
-                    lowres_resolution: int) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
-  """Returns train_step(state, batch, text_params) -> (state, metrics); jit it with shardings."""
+                    lowres_resolution: int,
+                    train_crop: int = 0) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+  """Returns train_step(state, batch, text_params) -> (state, metrics); jit it with shardings.
+
+  train_crop > 0 (SR stages): train on random train_crop x train_crop crops of the images
+  and the matching regions of their low-res copies (`random_crop_pair`).
+  A batch holds "image" and either "text_tokens" (encoded in the step by the frozen
+  text_encoder) or precomputed "text_embedding" + "text_mask" (`batch_text`: the encoder
+  is skipped and text_params may be None).
+  """
   schedule = diffusion.get_schedule(settings.schedule)
 
   def train_step(state: TrainState, batch, text_params):
     rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, aug_rng, dropout_rng = jax.random.split(rng, 3)
-    text, text_mask = text_features(text_encoder, text_params, batch["text_tokens"])
+    text, text_mask = batch_text(batch, text_encoder, text_params)
     x0 = images_to_float(batch["image"])
+    lowres = None
+    if train_crop and train_crop < x0.shape[1]:
+      # Its own stream (fold_in), so that the other draws are those of an uncropped run.
+      crop_rng = jax.random.fold_in(rng, 1)
+      x0, lowres = random_crop_pair(x0, downsample(x0, lowres_resolution), train_crop, crop_rng)
     cond = make_conditioning(x0, text, text_mask, aug_rng, lowres_resolution=lowres_resolution,
-                             schedule=schedule, max_lowres_aug_t=settings.max_lowres_aug_t)
+                             schedule=schedule, max_lowres_aug_t=settings.max_lowres_aug_t,
+                             lowres=lowres)
 
     def loss_fn(params):
       def denoise_fn(x_t, t, c):

@@ -1,0 +1,34 @@
+"""The whole Imagen cascade: T5-XXL -> 64x64 base (2B) -> 64->256 (600M) -> 256->1024 (400M).
+
+The stages are configs/imagen_base64.py, imagen_sr256.py and imagen_sr1024.py (their
+docstrings cite the paper); this file chains them behind one text encoder (the T5 v1.1
+XXL checkpoint at config.text.checkpoint). The paper trains each stage on its own, in
+parallel: one pod job per stage with --stage=base|sr256|sr1024; sampling chains them.
+
+Usage:
+  python -m imagen_jax.train --config=configs/imagen_cascade.py --workdir=DIR --stage=sr256
+  python -m imagen_jax.summarize --config=configs/imagen_cascade.py --num_devices=256
+  python -m imagen_jax.train --config=configs/imagen_cascade.py:tiny --workdir=/tmp/t  # CPU
+Variants: "" (paper), "small", "tiny" (configs/imagen_common.py).
+"""
+import importlib.util
+import os
+
+
+def _load(name):
+  """configs/<name>.py, imported by path (config files are loaded by path)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"imagen_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  common = _load("imagen_common")
+  variant = common.parse_variant(arg, "configs/imagen_cascade.py")
+  return common.cascade_config(variant, {
+      "base": _load("imagen_base64").stage(variant),
+      "sr256": _load("imagen_sr256").stage(variant),
+      "sr1024": _load("imagen_sr1024").stage(variant),
+  })
