@@ -40,13 +40,21 @@ def register_task(config, task_name: str) -> seqio.Task:
     # Tasks of other datasets are registered by importing their module (seqio convention).
     return seqio.get_mixture_or_task(task_name)
   data_dir = config.data_dir or DEFAULT_DATA_DIR
-  sizes = dict(config.shapes)
   task = tasks.register_shapes_task(int(match.group(1)), data_dir=data_dir, task_name=task_name,
-                                    **sizes)
-  builder = shapes_tfds.Shapes(config=shapes_tfds.make_config(int(match.group(1)), **sizes),
-                               data_dir=data_dir)
-  builder.download_and_prepare()  # no-op when present; renders the set otherwise
+                                    **dict(config.shapes))
+  prepare_data(config, task_name)
   return task
+
+
+def prepare_data(config, task_name: str) -> None:
+  """Renders a built-in `shapes_<R>` set into config.data_dir unless it is there (a no-op
+  for other tasks). Safe to run in a background thread while another set is used."""
+  match = _SHAPES_TASK.match(task_name)
+  if match:
+    builder = shapes_tfds.Shapes(
+        config=shapes_tfds.make_config(int(match.group(1)), **dict(config.shapes)),
+        data_dir=config.data_dir or DEFAULT_DATA_DIR)
+    builder.download_and_prepare()  # no-op when present
 
 
 def register_embeddings_task(config, stage: str) -> seqio.Task:

@@ -60,10 +60,12 @@ def is_host0() -> bool:
 
 
 # The hosts' agreements below go through the distributed runtime's key-value store, not
-# through device collectives: a collective waits at most ~30 s for the slowest host to join
-# (gloo's rendezvous on CPU), while hosts can be minutes apart at start-up (imports,
-# reading a checkpoint). Every host calls them in the same order, so the n-th call of each
-# host uses the same keys.
+# through device collectives: on CPU the first run of a program with collectives waits at
+# most ~30 s for the slowest host to join (gloo's rendezvous), while hosts can be minutes
+# apart (imports, reading a checkpoint, compiling at different speeds). For the same
+# reason the training loop meets at a `barrier` between compiling a program and its
+# first run. Every host calls these in the same order, so the n-th call of each host
+# uses the same keys.
 TIMEOUT_MS = 30 * 60 * 1000
 _calls = itertools.count()
 
@@ -150,7 +152,10 @@ class AgreedFlag:
     self._mesh = Mesh(devices, ("all",), axis_types=(jax.sharding.AxisType.Auto,))
     self._sharding = NamedSharding(self._mesh, P("all"))
     self._local = [d for d in devices if d.process_index == jax.process_index()]
-    self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(self._mesh, P()))
+    flags = jax.ShapeDtypeStruct((len(devices),), jnp.int32, sharding=self._sharding)
+    self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(self._mesh, P())).lower(
+        flags).compile()
+    barrier("agreed_flag")  # the hosts run it together from the first call on
 
   def poll(self, local: bool) -> bool:
     if not is_multihost():

@@ -1,6 +1,8 @@
 """The training loop of one cascade stage, in named sections (after big_vision's)."""
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import io
 import os
 import tempfile
@@ -25,7 +27,7 @@ from imagen_jax.train import paths
 from imagen_jax.train.compile_options import run_rarely_options
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.stages import StageSpec
-from imagen_jax.train.state import create_train_state, make_optimizer
+from imagen_jax.train.state import abstract_train_state, init_train_state, make_optimizer
 from imagen_jax.train.step import (downsample, float_to_images, images_to_float,
                                    make_train_step, text_features)
 
@@ -67,29 +69,36 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   # ---- Model, optimizer and the sharded train state. ----
   unet = UNet(spec.unet)
   optimizer = make_optimizer(spec.optimizer)
-  text_dim = text_encoder.config.d_model
-  rng = jax.random.fold_in(jax.random.key(seed), zlib_hash(spec.name))
-  # Several hosts: each compiles the same programs; starting them together keeps the
-  # hosts within the ~30 s that CPU collectives (gloo) wait for a late one.
-  distributed.barrier("create_train_state")
-  state, shardings = create_train_state(
-      unet, example_inputs(spec, text_dim, max_length), optimizer, rng=rng, mesh=mesh,
-      rules=rules)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  inputs = example_inputs(spec, text_encoder.config.d_model, max_length)
+  abstract, shardings = abstract_train_state(unet, inputs, optimizer, mesh=mesh, rules=rules)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("Stage %s: U-Net with %.2fM parameters.", spec.name, num_params / 1e6)
 
-  # ---- Resume. ----
+  # ---- Resume, or initialise. ----
   manager = ckpt.stage_manager(workdir, spec.name)
-  state = _resume(manager, state, shardings)
-  start_step = int(state.step)
-  if start_step >= spec.train.num_steps:
-    logging.info("Stage %s already trained to step %d.", spec.name, start_step)
+  state = _resume(manager, abstract, shardings)
+  if state is not None and int(state.step) >= spec.train.num_steps:
+    logging.info("Stage %s already trained to step %d.", spec.name, int(state.step))
     manager.close()
     return state
+  start_step = 0 if state is None else int(state.step)
+  if state is None:
+    rng = jax.random.fold_in(jax.random.key(seed), zlib_hash(spec.name))
+    init = functools.partial(init_train_state, unet, inputs, optimizer, rng=rng, mesh=mesh,
+                             rules=rules, shardings=shardings)
+    if jax.process_count() == 1:
+      # Initialising compiles a program of its own; on one host it compiles (and runs) in
+      # a thread beside the train step's compilation, as both are mostly single-threaded.
+      pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="init_state")
+      state = pool.submit(init)
+      pool.shutdown(wait=False)
+    else:
+      state = init()
   saver = ckpt.Saver(manager, keep=spec.train.keep_checkpoints)
   with faults.handle_sigterm():
     try:
-      state = _compile_and_loop(spec, state, shardings, saver, unet=unet, optimizer=optimizer,
+      state = _compile_and_loop(spec, state, abstract, shardings, saver, start_step=start_step,
+                                unet=unet, optimizer=optimizer,
                                 text_encoder=text_encoder, text_params=text_params,
                                 make_batches=make_batches, sample_batch=sample_batch, mesh=mesh,
                                 rules=rules, stage_dir=stage_dir, writer=writer, seed=seed)
@@ -99,22 +108,22 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   return state
 
 
-def _resume(manager, state, shardings):
-  """The newest readable checkpoint's state (else `state`); unreadable newer ones are moved
+def _resume(manager, abstract, shardings):
+  """The newest readable checkpoint's state, or None; unreadable newer ones are moved
   aside, so that their steps can be saved again."""
-  restored, step = ckpt.restore_latest(manager, state, shardings)
+  restored, step = ckpt.restore_latest(manager, abstract, shardings)
   if restored is None:
-    return state
+    return None
   newer = [s for s in manager.all_steps() if s > step]
   if newer:
     ckpt.set_aside(manager, newer)
   return restored
 
 
-def _compile_and_loop(spec, state, shardings, saver, *, unet, optimizer, text_encoder,
-                      text_params, make_batches, sample_batch, mesh, rules, stage_dir, writer,
-                      seed):
-  start_step = int(state.step)
+def _compile_and_loop(spec, state, abstract, shardings, saver, *, start_step, unet, optimizer,
+                      text_encoder, text_params, make_batches, sample_batch, mesh, rules,
+                      stage_dir, writer, seed):
+  """`state`: the TrainState of start_step, or a Future of it (initialising meanwhile)."""
   # ---- Compile the step ahead of the loop. ----
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   train_step = make_train_step(unet, text_encoder, spec.diffusion, optimizer,
@@ -125,13 +134,17 @@ def _compile_and_loop(spec, state, shardings, saver, *, unet, optimizer, text_en
   batches = make_batches(start_step)
   global_batch = _global_batch(next(batches), start_step, mesh, rules, key_log)
   t0 = time.time()
-  distributed.barrier("compile_train_step")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(
         train_step, in_shardings=(shardings, batch_sharding, None),
         out_shardings=(shardings, None), donate_argnums=(0,),
-    ).lower(state, global_batch, text_params).compile()
+    ).lower(ckpt.abstract_like(abstract, shardings), global_batch, text_params).compile()
   logging.info("Stage %s: train step compiled in %.1fs.", spec.name, time.time() - t0)
+  if isinstance(state, concurrent.futures.Future):
+    state = state.result()
+    logging.info("Stage %s: train state initialised (%.1fs after the compile started).",
+                 spec.name, time.time() - t0)
+  distributed.barrier("run_train_step")  # several hosts: start it together (distributed.py)
   write_samples = _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh,
                                  rules, stage_dir, writer, seed)
 
@@ -256,13 +269,16 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
   def write(ema_params, step):
     nonlocal compiled
     # Every host runs the sampler (the params are global arrays); host 0 writes.
+    # Several hosts: they meet between compiling each program and its first run.
     if compiled is None:
-      distributed.barrier("compile_sampler")
-    text, mask = encode(text_params, tokens)
-    args = (ema_params, key, text, mask, lowres)
-    if compiled is None:  # a few small batches per run: compile for compile speed
-      compiled = run.lower(*args).compile(compiler_options=run_rarely_options())
-    images = compiled(*args)
+      compiled = [encode.lower(text_params, tokens).compile(), None]
+      distributed.barrier("run_text_encoder")
+    text, mask = compiled[0](text_params, tokens)
+    if compiled[1] is None:  # a few small batches per run: compile for compile speed
+      compiled[1] = run.lower(ema_params, key, text, mask, lowres).compile(
+          compiler_options=run_rarely_options())
+      distributed.barrier("run_sampler")
+    images = compiled[1](ema_params, key, text, mask, lowres)
     images = distributed.fetch(float_to_images(images))
     if jax.process_index() != 0:
       return

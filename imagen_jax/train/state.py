@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from imagen_jax.parallel import distributed
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train.compile_options import run_rarely_options
 
@@ -119,12 +120,21 @@ def create_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rn
   The state is traced with `eval_shape` to read the logical sharding of every leaf, then
   created by `jit(init, out_shardings=...)`, so no device ever holds an unsharded copy.
   """
-  init_fn = _init_fn(model, example_inputs, optimizer)
   _, shardings = abstract_train_state(model, example_inputs, optimizer, mesh=mesh, rules=rules)
+  return init_train_state(model, example_inputs, optimizer, rng=rng, mesh=mesh, rules=rules,
+                          shardings=shardings), shardings
+
+
+def init_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rng: jax.Array,
+                     mesh: Mesh, rules, shardings: TrainState) -> TrainState:
+  """The initial state, made by `jit(init, out_shardings=shardings)` (the shardings of
+  `abstract_train_state`)."""
+  init_fn = _init_fn(model, example_inputs, optimizer)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = jax.jit(lambda k: unbox_state(init_fn(k)), out_shardings=shardings).lower(rng)
-    state = lowered.compile(compiler_options=run_rarely_options())(rng)
-  return state, shardings
+    compiled = lowered.compile(compiler_options=run_rarely_options())
+    distributed.barrier("run_init")  # several hosts: run it together (parallel/distributed.py)
+    return compiled(rng)
 
 
 def _rebox_like(opt_state, params, boxed):
