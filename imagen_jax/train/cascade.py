@@ -43,10 +43,14 @@ def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
 def _prepare_later_data(config, specs, *, first_task: str) -> dict:
   """Renders the built-in datasets of later stages in a background thread (one host only),
   while the first stage compiles and trains: rendering is single-threaded Python, so on a
-  small machine it would otherwise add its seconds to the run. {stage: future}."""
+  small machine it would otherwise add its seconds to the run. {stage: future}.
+
+  The first stage's set is rendered first, in this thread: two renderings at once would
+  share the GIL and delay the first stage."""
   wanted = [s for s in specs if not s.embeddings_dir and s.task != first_task]
   if jax.process_count() > 1 or not wanted:
     return {}
+  pipeline.prepare_data(config, first_task)
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare_data")
   futures = {s.name: pool.submit(pipeline.prepare_data, config, s.task) for s in wanted}
   pool.shutdown(wait=False)
