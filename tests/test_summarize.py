@@ -157,3 +157,18 @@ def test_cli_json():
   assert row["params"] > 0 and row["memory_per_device"]["total"] > 0
   assert 2.8 < row["train_flops_per_image"] / row["sample_flops_per_image"] <= 3.0
   assert summary["text"]["flops_per_caption"] > 0
+
+
+def test_paper_base_fits_a_v4_chip_on_the_v4_256_mesh():
+  """Issue 5: the 2B base under the paper's 256-chip mesh (data 32 x fsdp 8), by the
+  summarize numbers: params + Adafactor state + EMA per chip, with room left of a TPU v4
+  chip's 32 GiB HBM for activations (summarize does not count those)."""
+  config = imagen_base64.get_config()
+  mesh = summarize.abstract_mesh({"data": -1, "fsdp": 8, "tensor": 1}, 256)
+  memory = summarize.state_memory_per_device(config, "base", mesh)
+  params = stages_lib.stage_spec(config, "base").unet.num_params(64)
+  assert 1.9e9 < params < 2.1e9
+  # fsdp shards params and EMA 8 ways: ~4 bytes x 2.03B / 8 each (to within replicated
+  # norms and biases).
+  assert memory["params"] < 1.05 * 4 * params / 8
+  assert memory["total"] < 4 * 2**30  # ~2.1 GiB of the chip's 32 GiB
