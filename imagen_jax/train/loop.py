@@ -268,6 +268,7 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
 
   def write(ema_params, step):
     nonlocal compiled
+    t0 = time.time()
     # Every host runs the sampler (the params are global arrays); host 0 writes.
     # Several hosts: they meet between compiling each program and its first run.
     if compiled is None:
@@ -278,8 +279,10 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
       compiled[1] = run.lower(ema_params, key, text, mask, lowres).compile(
           compiler_options=run_rarely_options())
       distributed.barrier("run_sampler")
+    t_sample = time.time()
     images = compiled[1](ema_params, key, text, mask, lowres)
     images = distributed.fetch(float_to_images(images))
+    t_sampled = time.time()
     if jax.process_index() != 0:
       return
     grid = make_grid(images, captions)
@@ -288,5 +291,7 @@ def _sample_writer(spec, unet, text_encoder, text_params, sample_batch, mesh, ru
     paths.makedirs(os.path.join(stage_dir, "samples"))  # local or gs://
     paths.write_bytes(os.path.join(stage_dir, "samples", f"step_{step:07d}.png"), png.getvalue())
     writer.image(step, "samples", np.asarray(grid))
+    logging.info("Stage %s: sample grid of step %d in %.1fs (compile %.1fs, sampling %.1fs).",
+                 spec.name, step, time.time() - t0, t_sample - t0, t_sampled - t_sample)
 
   return write
