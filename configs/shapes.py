@@ -118,7 +118,7 @@ def get_config(arg=None):
     c.stages.sr.optimizer.warmup_steps = 50
     c.stages.sr.sample.lowres_aug_t = 0.05
     # DPM-Solver++(2M) at 8 + 5 steps samples these models as well as DDIM at 20 + 10
-    # (bench/README.md, "Main job": alignment of the same checkpoints under both), in half
+    # (bench/README.md, session 3: alignment of the same checkpoints under both), in half
     # the evaluation time.
     for stage in (c.stages.base, c.stages.sr):
       stage.sample.sampler = "dpm++2m"
