@@ -14,17 +14,11 @@ Usage:
   python -m imagen_jax.summarize --config=configs/imagen_sr1024.py --num_devices=128
 Variants: "" (paper), "small", "tiny" (configs/imagen_common.py).
 """
-import importlib.util
-import os
+from imagen_jax.config_files import load_sibling
 
 
 def _load(name):
-  """configs/<name>.py, imported by path (config files are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"imagen_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_sibling(__file__, name)
 
 
 def unet(variant: str) -> dict:
