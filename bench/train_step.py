@@ -1,12 +1,27 @@
-r"""Compile time and steady-state throughput of one stage's real train step.
+r"""Training throughput and MFU of one stage's real train step, optionally beside
+imagen-pytorch on the same machine in the same run.
 
-Runs the exact jitted step of `imagen_jax.train` (frozen T5 in the step, diffusion loss,
-Adam, EMA) on random data of the stage's shapes, on the config's mesh.
+Runs the exact jitted step of `imagen_jax.train` (diffusion loss, optimizer, EMA, on the
+config's mesh) on random data of the stage's shapes, in two text modes:
+  precomputed  the batch carries T5 embeddings (`config.stages.<s>.embeddings_dir` runs;
+               what the paper and NVIDIA's figures do: T5 is not counted);
+  encoder      the frozen T5 runs inside the step on token ids.
+For each: compile time, steady-state step time (median of --steps after --warmup),
+images/s (total and per device), model TFLOP/s per device from the analytic FLOP count
+(`imagen_jax.summarize.train_flops_per_image`: U-Net forward + backward, no remat, text
+encoder excluded), MFU against `imagen_jax.perf.PEAKS` (or --peak_tflops, or on a CPU the
+measured matmul rate, labelled so), and peak memory.
 
-  python bench/train_step.py --config=configs/shapes.py --stage=base --steps=20
-  python bench/train_step.py --config=configs/shapes.py --stage=sr \
-      --config.stages.sr.train.batch_size=64
-Prints one JSON line: params, compile_s, step_s (median), img_per_s, img_per_s_per_device.
+--peer also runs imagen-pytorch's Unet + Imagen with the same hyperparameters, batch,
+resolution, precision (bf16 autocast where we compute in bf16) and optimizer (Adam, same
+betas/eps/lr, gradient clipping, an EMA update), from precomputed embeddings like ours,
+in a virtual environment the script makes (bench/peer_env.py), and prints the ratio.
+
+  python bench/train_step.py --config=configs/bench_cpu.py --stage=base --peer
+  python bench/train_step.py --config=configs/imagen_base64.py --stage=base --batch=64 \
+      --config.stages.base.optimizer.name=adam --peer --peer_venv=/tmp/peer \
+      --peer_wheels=.whl --peer_system_site_packages
+The last line printed is one JSON object with every figure (also --json_out=FILE).
 """
 import json
 import os
@@ -19,14 +34,49 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", "configs/shapes.py", "Cascade config.")
+config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Cascade config.")
 flags.DEFINE_string("stage", "base", "Stage to measure.")
-flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
+flags.DEFINE_integer("batch", 0, "Global batch (0: the stage's train.batch_size).")
+flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_list("text", ["precomputed", "encoder"], "Text modes: precomputed, encoder.")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device (0: the table / measured).")
+flags.DEFINE_bool("peer", False, "Also run imagen-pytorch on the same step.")
+flags.DEFINE_string("peer_python", "", "Python of an existing peer environment.")
+flags.DEFINE_string("peer_venv", "", "Where to make the peer's venv (default ~/.cache/...).")
+flags.DEFINE_string("peer_wheels", "", "Install the peer offline from these wheels.")
+flags.DEFINE_bool("peer_system_site_packages", False, "Peer venv sees the system's torch.")
+flags.DEFINE_integer("peer_threads", 0, "torch threads for a CPU peer (0: the core count).")
+flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
+def peak_for(device, dtype: str, log) -> tuple[float, str]:
+  from imagen_jax import perf
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops, "--peak_tflops"
+  peak = perf.find_peak(device.device_kind)
+  if peak is not None:
+    return perf.peak_tflops(device.device_kind, dtype), peak.source
+  rate = perf.measured_matmul_tflops("float32" if dtype == "float32" else "bfloat16")
+  log(f"no peak for {device.device_kind!r}: using the measured 1024^3 matmul rate")
+  return rate, f"measured {dtype} 1024^3 matmul on this {device.platform} (not a datasheet peak)"
+
+
+def time_steps(compiled, state, batch, text_params):
+  import jax
+  times = []
+  for i in range(FLAGS.warmup + FLAGS.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch, text_params)
+    jax.block_until_ready(metrics)
+    if i >= FLAGS.warmup:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), times, metrics
+
+
+def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
+  """One text mode of our step: builds the state, compiles, times. Returns figures."""
   import flax.linen as nn
   import jax
   import numpy as np
@@ -40,46 +90,175 @@ def main(argv):
   from imagen_jax.train.state import create_train_state, make_optimizer
   from imagen_jax.train.step import make_train_step
 
-  config = FLAGS.config
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = mesh_lib.rules_from_config(config.axis_rules)
-  spec = {s.name: s for s in stages_lib.validate(config, mesh)}[FLAGS.stage]
   t5 = stages_lib.t5_config(config)
-  text_params = jax.device_put(init_params(t5, 0), NamedSharding(mesh, P()))
+  L, r = config.text.max_length, spec.resolution
   optimizer = make_optimizer(spec.optimizer)
   unet = UNet(spec.unet)
-  L = config.text.max_length
+  t0 = time.perf_counter()
   state, shardings = create_train_state(unet, example_inputs(spec, t5.d_model, L), optimizer,
                                         rng=jax.random.key(0), mesh=mesh, rules=rules)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
   step_fn = make_train_step(unet, T5Encoder(t5), spec.diffusion, optimizer,
                             ema_decay=spec.optimizer.ema_decay,
-                            lowres_resolution=spec.lowres_resolution)
-  b, r = spec.train.batch_size, spec.resolution
+                            lowres_resolution=spec.lowres_resolution,
+                            train_crop=spec.train_crop)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8),
-           "text_tokens": np.concatenate([rng.integers(2, 32000, (b, L - 4)),
-                                          np.ones((b, 1)), np.zeros((b, 3))], 1).astype(np.int32)}
+  lengths = rng.integers(L // 2, L + 1, batch_size)
+  mask = np.arange(L)[None] < lengths[:, None]
+  batch = {"image": rng.integers(0, 256, (batch_size, r, r, 3), dtype=np.uint8)}
+  if mode == "encoder":
+    batch["text_tokens"] = np.where(mask, rng.integers(2, t5.vocab_size, (batch_size, L)),
+                                    0).astype(np.int32)
+    text_params = jax.device_put(init_params(t5, 0), NamedSharding(mesh, P()))
+  else:
+    emb = rng.standard_normal((batch_size, L, t5.d_model)).astype(np.float32) * mask[..., None]
+    batch["text_embedding"] = emb.astype(jax.numpy.bfloat16)  # how precompute stores them
+    batch["text_mask"] = mask
+    text_params = None
   batch = mesh_lib.host_to_global(batch, mesh, rules)
-  t0 = time.time()
+  t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(step_fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules), None),
+    compiled = jax.jit(step_fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules),
+                                               None if text_params is None else
+                                               NamedSharding(mesh, P())),
                        out_shardings=(shardings, None), donate_argnums=(0,)).lower(
                            state, batch, text_params).compile()
-  compile_s = time.time() - t0
-  times = []
-  for i in range(FLAGS.steps + 2):
-    t0 = time.time()
-    state, metrics = compiled(state, batch, text_params)
-    jax.block_until_ready(metrics)
-    if i >= 2:
-      times.append(time.time() - t0)
-  step_s = statistics.median(times)
-  print(json.dumps(dict(
-      stage=spec.name, resolution=r, batch=b, device=str(jax.devices()[0].device_kind),
-      num_devices=jax.device_count(),
-      params_m=round(sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, 3),
-      compile_s=round(compile_s, 1), step_s=round(step_s, 4), img_per_s=round(b / step_s, 1),
-      img_per_s_per_device=round(b / step_s / jax.device_count(), 1))))
+  compile_s = time.perf_counter() - t0
+  log(f"{mode}: init {init_s:.1f} s, compile {compile_s:.1f} s; timing {FLAGS.steps} steps")
+  step_s, times, metrics = time_steps(compiled, state, batch, text_params)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"{mode}: the loss is {loss}; the figures would be meaningless")
+  return dict(text=mode, compile_s=compile_s, init_s=init_s, step_s=step_s,
+              step_s_min=min(times), step_s_max=max(times), loss=loss,
+              img_per_s=batch_size / step_s,
+              img_per_s_per_device=batch_size / step_s / jax.device_count())
+
+
+def peer_spec(config, spec, batch_size: int, device) -> dict:
+  import dataclasses
+  return dict(
+      mode="train", unet=dataclasses.asdict(spec.unet), resolution=spec.resolution,
+      lowres_resolution=spec.lowres_resolution, batch=batch_size,
+      text_len=config.text.max_length, steps=FLAGS.steps, warmup=FLAGS.warmup,
+      dtype=spec.unet.dtype, prediction=spec.diffusion.prediction,
+      schedule=spec.diffusion.schedule, cond_drop_prob=spec.diffusion.cond_drop_prob,
+      lr=spec.optimizer.learning_rate, b1=spec.optimizer.b1, b2=spec.optimizer.b2,
+      eps=spec.optimizer.eps, grad_clip=spec.optimizer.grad_clip_norm,
+      ema_decay=spec.optimizer.ema_decay,
+      device="cuda" if device.platform == "gpu" else "cpu",
+      threads=(FLAGS.peer_threads or os.cpu_count()) if device.platform == "cpu" else 0)
+
+
+def main(argv):
+  del argv
+  if FLAGS.peer:  # JAX would otherwise take 75% of a GPU's memory before the peer runs
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax
+
+  from imagen_jax import perf, summarize
+  from imagen_jax.parallel import mesh as mesh_lib
+  from imagen_jax.train import stages as stages_lib
+
+  log = lambda msg: print(f"[train_step] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+  config = FLAGS.config
+  if FLAGS.batch:
+    config.stages[FLAGS.stage].train.batch_size = FLAGS.batch
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  specs = {s.name: s for s in stages_lib.validate(config, mesh)}
+  if FLAGS.stage not in specs:
+    raise app.UsageError(f"--stage={FLAGS.stage}: the config has stages {sorted(specs)}")
+  spec = specs[FLAGS.stage]
+  if spec.optimizer.name != "adam" and FLAGS.peer:
+    raise app.UsageError(
+        f"--peer compares like with like: the stage's optimizer is {spec.optimizer.name!r} "
+        f"and the peer runs torch Adam; add --config.stages.{spec.name}.optimizer.name=adam")
+  batch_size = spec.train.batch_size
+  device = jax.devices()[0]
+  n = jax.device_count()
+  dtype = spec.unet.dtype
+  flops = summarize.train_flops_per_image(config, spec.name)
+  peak, peak_source = peak_for(device, dtype, log)
+  result = dict(
+      stage=spec.name, resolution=spec.resolution, train_size=summarize.train_size(spec),
+      batch=batch_size, dtype=dtype, optimizer=spec.optimizer.name,
+      text_len=config.text.max_length, text_dim=stages_lib.t5_config(config).d_model,
+      device=device.device_kind, platform=device.platform, num_devices=n,
+      mesh=dict(mesh.shape), jax=jax.__version__,
+      params_m=sum(x.size for x in jax.tree.leaves(summarize.abstract_params(spec))) / 1e6,
+      train_gflops_per_image=flops / 1e9, peak_tflops_per_device=peak, peak_source=peak_source,
+      runs=[])
+  # The peer runs first, while this process holds no device memory yet (see main).
+  if FLAGS.peer:
+    from bench import peer_env
+    python = FLAGS.peer_python or peer_env.make_peer_python(
+        FLAGS.peer_venv or peer_env.DEFAULT_VENV, wheels=FLAGS.peer_wheels,
+        system_site_packages=FLAGS.peer_system_site_packages, log=log)
+    log(f"peer: imagen-pytorch in {python}")
+    try:
+      peer = peer_env.run_peer(python, peer_spec(config, spec, batch_size, device))
+      peer["img_per_s"] = peer.pop("items_per_s")
+      peer["tflops_per_device"] = peer["train_flops_per_image"] * peer["img_per_s"] / 1e12
+      peer["mfu"] = perf.mfu(peer["train_flops_per_image"], peer["img_per_s"], peak)
+      if "peak_memory_bytes" in peer:
+        peer["peak_memory_gib"] = peer.pop("peak_memory_bytes") / 2**30
+      result["peer"] = peer
+    except Exception as e:  # noqa: BLE001
+      log(f"peer FAILED: {str(e)[:3000]}")
+      result["peer"] = dict(error=str(e)[:1000])
+  for mode in FLAGS.text:
+    try:
+      run = run_ours(config, spec, mode, batch_size, log)
+    except Exception as e:  # noqa: BLE001  an OOM in one mode must not lose the other
+      log(f"{mode}: FAILED: {type(e).__name__}: {str(e)[:500]}")
+      result["runs"].append(dict(text=mode, error=f"{type(e).__name__}: {str(e)[:300]}"))
+      continue
+    run["tflops_per_device"] = flops * run["img_per_s_per_device"] / 1e12
+    run["mfu"] = perf.mfu(flops, run["img_per_s_per_device"], peak)
+    mem, what = perf.peak_memory(device)
+    run.update(peak_memory_gib=mem / 2**30, peak_memory_kind=what)
+    result["runs"].append(run)
+  ours = next((r for r in result["runs"] if r.get("text") == "precomputed"
+               and "error" not in r), None)
+  if ours and "img_per_s" in result.get("peer", {}):
+    result["ratio_img_per_s"] = ours["img_per_s"] / result["peer"]["img_per_s"]
+  print_table(result)
+  line = json.dumps(result, default=float)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      f.write(line + "\n")
+  print(line)
+
+
+def print_table(result):
+  print(f"\n{result['stage']} {result['train_size']}x{result['train_size']} batch "
+        f"{result['batch']} {result['dtype']} on {result['num_devices']} x {result['device']}"
+        f" | {result['params_m']:.1f}M params, {result['train_gflops_per_image']:.2f} "
+        f"GFLOP/image (train) | peak {result['peak_tflops_per_device']:.1f} TFLOP/s/device "
+        f"({result['peak_source']})")
+  print(f"{'run':<26}{'compile s':>10}{'step s':>9}{'img/s':>9}{'img/s/dev':>10}"
+        f"{'TFLOP/s/dev':>12}{'MFU':>7}{'peak mem GiB':>13}")
+  rows = [(f"imagen-jax, {r['text']}", r) for r in result["runs"]]
+  if "peer" in result:
+    rows.append(("imagen-pytorch, precomputed", result["peer"]))
+  for name, r in rows:
+    if "error" in r:
+      print(f"{name:<26}  {r['error'][:90]}")
+      continue
+    per_dev = r.get("img_per_s_per_device", r["img_per_s"])
+    mem = r.get("peak_memory_gib")
+    print(f"{name:<26}{r.get('compile_s', float('nan')):>10.1f}{r['step_s']:>9.4f}"
+          f"{r['img_per_s']:>9.1f}{per_dev:>10.1f}{r['tflops_per_device']:>12.2f}"
+          f"{100 * r['mfu']:>6.1f}%{'' if mem is None else f'{mem:>13.2f}'}")
+  if "ratio_img_per_s" in result:
+    p = result["peer"]
+    print(f"imagen-jax / imagen-pytorch img/s: {result['ratio_img_per_s']:.2f}x "
+          f"(their U-Net: {p['params_m']:.1f}M params, "
+          f"{p['train_flops_per_image'] / 1e9:.2f} GFLOP/image; torch {p['torch']}, "
+          f"{p['threads']} threads)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""The benchmark peers' own virtual environment, made by the benchmark itself.
+
+imagen-pytorch's declared dependencies would pull a CUDA torch, torchvision, accelerate,
+datasets, ... into the environment that runs JAX; so the peer lives in a separate venv
+with just what its modules import (torch, einops, beartype, kornia, transformers, tqdm,
+imagen-pytorch itself without its dependency list), and runs as a subprocess that
+exchanges JSON with the benchmark.
+
+Online (a machine with PyPI): `make_peer_python()` creates the venv on first use.
+Offline (a lent GPU machine, a pod VM with no egress): pass `wheels=DIR` holding the
+wheels to install with --no-index, and `system_site_packages=True` to reuse a torch that
+the machine already has: the venv then also sees the site-packages of the Python running
+the benchmark (a .pth file; venv's own flag would show the base interpreter's, which
+misses a torch installed in a venv, as on images that ship one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import venv
+
+PEER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "imagen_jax", "peer-venv")
+# torch==2.13.0 is the CPU build this project pins for parity tests; a bare "torch" from
+# PyPI would be a multi-GB CUDA build. transformers brings its own dependency set.
+PEER_REQUIREMENTS = ("torch==2.13.0", "transformers", "einops", "tqdm", "beartype", "kornia")
+PEER_NO_DEPS = ("imagen-pytorch==2.1.0",)  # its dependency list pulls CUDA torch etc.
+
+
+def _python(venv_dir: str) -> str:
+  return os.path.join(venv_dir, "bin", "python")
+
+
+def _has_peer(python: str) -> bool:
+  probe = ("import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in "
+           "('torch', 'einops', 'beartype', 'kornia', 'transformers', 'imagen_pytorch')) else 1)")
+  return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def make_peer_python(venv_dir: str = DEFAULT_VENV, *, wheels: str = "",
+                     system_site_packages: bool = False, log=print) -> str:
+  """The peer venv's python, creating and filling the venv if it lacks the peer."""
+  python = _python(venv_dir)
+  if os.path.exists(python) and _has_peer(python):
+    return python
+  log(f"peer: creating the virtual environment {venv_dir} (imagen-pytorch, torch, ...)")
+  venv.EnvBuilder(with_pip=True).create(venv_dir)
+  if system_site_packages:
+    site_dir = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site_dir, "_benchmark_parent_site.pth"), "w") as f:
+      f.write("\n".join(p for p in site.getsitepackages() if os.path.isdir(p)) + "\n")
+  pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+  if wheels:
+    pip += ["--no-index", "--find-links", wheels]
+  for packages, extra in ((PEER_REQUIREMENTS, []), (PEER_NO_DEPS, ["--no-deps"])):
+    needed = [p for p in packages if not (system_site_packages and _importable(python, p))]
+    if needed:
+      subprocess.run(pip + extra + needed, check=True)
+  if not _has_peer(python):
+    raise RuntimeError(f"the peer venv {venv_dir} still cannot import imagen-pytorch's needs")
+  return python
+
+
+def _importable(python: str, requirement: str) -> bool:
+  module = requirement.split("==")[0].replace("-", "_")
+  probe = f"import importlib.util as u, sys; sys.exit(0 if u.find_spec({module!r}) else 1)"
+  return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def run_peer(python: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
+  """Runs bench/peers/imagen_pytorch_peer.py with `spec` in the peer's python; returns
+  its result (raises with the peer's output if it printed none)."""
+  proc = subprocess.run([python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"),
+                         json.dumps(spec)], capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
+  for line in proc.stdout.splitlines():
+    if line.startswith("PEER_RESULT "):
+      return json.loads(line[len("PEER_RESULT "):])
+  raise RuntimeError(f"the peer failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                     f"{proc.stderr[-5000:]}")
+
+
+if __name__ == "__main__":  # python bench/peer_env.py [VENV_DIR]: just make the venv
+  print(make_peer_python(*(sys.argv[1:2] or [DEFAULT_VENV])))
