@@ -120,3 +120,18 @@ def cascade_config(variant: str, stages: dict) -> ml_collections.ConfigDict:
   c.stage_order = tuple(stages)
   c.stages = ml_collections.ConfigDict(stages)
   return c
+
+
+def multislice(config, num_slices: int) -> ml_collections.ConfigDict:
+  """`config` (any cascade config) trained over `num_slices` TPU slices (BUILD_TPU.md,
+  Multi-slice): config.mesh gains a `slice` axis of that size, whose devices are grouped by
+  TPU slice, and the batch rule of config.axis_rules shards the batch over it first
+  (batch -> slice, data, fsdp), nothing else. config.mesh's other axes then lay out one
+  slice ({"data": -1, "fsdp": 8} = each slice's chips as data x 8-way FSDP): fsdp and
+  tensor stay inside a slice, and only the gradient all-reduce crosses the data-center
+  network. num_slices=1 gives the single-slice mesh and layout, with a size-1 slice axis."""
+  if not isinstance(num_slices, int) or num_slices < 1:
+    raise ValueError(f"multislice: num_slices={num_slices!r} must be a positive int.")
+  config.mesh = ml_collections.ConfigDict(dict(config.mesh, slice=num_slices))
+  config.axis_rules = [list(rule) for rule in axes.with_slices(config.axis_rules)]
+  return config

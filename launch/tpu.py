@@ -12,6 +12,14 @@ r"""Cloud TPU VMs (v4, one host or a pod slice) around `gcloud compute tpus`.
 
 Every subcommand takes --dry_run: print the exact commands instead of running them.
 
+Several slices (multi-slice, BUILD_TPU.md): `create --queued --num_slices=N` asks for N
+slices of --accelerator_type in one queued resource (`--node-count=N --node-prefix=NAME`);
+its TPU VMs are NAME-0 .. NAME-(N-1). Pass the same --num_slices to every later
+subcommand: each then acts on the workers of all N slices (train and exec start them all
+at once), logs follows worker 0 of NAME-0 (JAX's process 0). JAX joins the slices by
+itself (the MEGASCALE_* values of the slices' TPU metadata); the config must name them
+(`config.mesh.slice = N`, configs/imagen_common.py `multislice`).
+
 - create: a TPU VM (`tpu-vm create`) or, with --queued, a queued resource (`queued-resources
   create`, then waits until it is ACTIVE): the way to get large slices and spot capacity.
 - setup: copies this checkout to every worker (`tpu-vm scp --worker=all`) and installs it
@@ -53,6 +61,32 @@ def run(command: list[str], dry_run: bool, check: bool = True) -> int:
   return subprocess.run(command, check=check).returncode
 
 
+def run_all(commands: list[list[str]], dry_run: bool, check: bool = True) -> int:
+  """Prints the commands; unless dry_run runs them at once (one per slice: a program that
+  spans the slices needs all of them started) and waits for all. Returns the first
+  non-zero exit code (or 0)."""
+  if len(commands) == 1:
+    return run(commands[0], dry_run, check)
+  for command in commands:
+    print(shlex.join(command), flush=True)
+  if dry_run:
+    return 0
+  processes = [subprocess.Popen(command) for command in commands]
+  codes = [p.wait() for p in processes]
+  failed = [(c, code) for c, code in zip(commands, codes) if code]
+  if failed and check:
+    raise subprocess.CalledProcessError(failed[0][1], failed[0][0])
+  return failed[0][1] if failed else 0
+
+
+def nodes(args) -> list[str]:
+  """The TPU VMs: --name itself, or NAME-0 .. NAME-(N-1) for --num_slices=N (the names a
+  multi-slice queued resource gives them)."""
+  if args.num_slices == 1:
+    return [args.name]
+  return [f"{args.name}-{i}" for i in range(args.num_slices)]
+
+
 def _location(args) -> list[str]:
   flags = [f"--zone={args.zone}"]
   if args.project:
@@ -64,14 +98,30 @@ def tpu_vm(args, verb: str, *rest: str) -> list[str]:
   return ["gcloud", "compute", "tpus", "tpu-vm", verb, *rest, *_location(args)]
 
 
-def ssh(args, remote_command: str, worker: str = "all") -> list[str]:
-  return tpu_vm(args, "ssh", args.name, f"--worker={worker}", f"--command={remote_command}")
+def ssh(args, remote_command: str, worker: str = "all", node: str | None = None) -> list[str]:
+  return tpu_vm(args, "ssh", node or args.name, f"--worker={worker}",
+                f"--command={remote_command}")
+
+
+def ssh_all(args, remote_command: str, worker: str = "all") -> list[list[str]]:
+  """One ssh command per TPU VM (per slice), each on `worker` of that VM."""
+  return [ssh(args, remote_command, worker, node) for node in nodes(args)]
+
+
+def _multislice_needs_queued(args, what: str) -> None:
+  if args.num_slices > 1 and not args.queued:
+    sys.exit(f"{what} --num_slices={args.num_slices}: several slices are one queued resource; "
+             "add --queued.")
 
 
 def create(args) -> None:
+  _multislice_needs_queued(args, "create")
   if args.queued:
+    # One slice: one TPU VM named NAME; several: NAME-0 .. NAME-(N-1), one per slice.
+    node = ([f"--node-id={args.name}"] if args.num_slices == 1 else
+            [f"--node-count={args.num_slices}", f"--node-prefix={args.name}"])
     command = ["gcloud", "compute", "tpus", "queued-resources", "create", args.name,
-               f"--node-id={args.name}", f"--accelerator-type={args.accelerator_type}",
+               *node, f"--accelerator-type={args.accelerator_type}",
                f"--runtime-version={args.version}", *_location(args)]
     if args.spot:
       command.append("--spot")
@@ -109,16 +159,17 @@ def setup(args) -> None:
     ref = f" && git checkout -q {shlex.quote(args.git_ref)}" if args.git_ref else ""
     remote = (f"set -e; rm -rf ~/{REMOTE_DIR}; git clone -q {shlex.quote(args.git_url)} "
               f"~/{REMOTE_DIR}; cd ~/{REMOTE_DIR}{ref}; {pip}")
-    run(ssh(args, remote), args.dry_run)
+    run_all(ssh_all(args, remote), args.dry_run)
     return
   tarball = f"/tmp/{args.name}-imagen_jax.tar.gz"
   run(["tar", "-czf", tarball, "--exclude=.git", "--exclude=./runs", "--exclude=__pycache__",
        "-C", args.source, "."], args.dry_run)
-  run(tpu_vm(args, "scp", tarball, f"{args.name}:{REMOTE_DIR}.tar.gz", "--worker=all"),
-      args.dry_run)
+  for node in nodes(args):
+    run(tpu_vm(args, "scp", tarball, f"{node}:{REMOTE_DIR}.tar.gz", "--worker=all"),
+        args.dry_run)
   remote = (f"set -e; rm -rf ~/{REMOTE_DIR}; mkdir -p ~/{REMOTE_DIR}; "
             f"tar -xzf ~/{REMOTE_DIR}.tar.gz -C ~/{REMOTE_DIR}; cd ~/{REMOTE_DIR}; {pip}")
-  run(ssh(args, remote), args.dry_run)
+  run_all(ssh_all(args, remote), args.dry_run)
 
 
 def train_command(args) -> str:
@@ -139,7 +190,7 @@ def train_command(args) -> str:
 
 
 def train(args) -> None:
-  run(ssh(args, train_command(args)), args.dry_run)
+  run_all(ssh_all(args, train_command(args)), args.dry_run)
   if args.follow and not args.foreground:
     logs(args)
 
@@ -149,20 +200,23 @@ def exec_(args) -> None:
   if not args.overrides:
     sys.exit("exec: give the command after --, e.g. -- python3 -m imagen_jax.encode_text ...")
   command = shlex.join(["env", "TF_CPP_MIN_LOG_LEVEL=2", *args.env, *args.overrides])
-  run(ssh(args, f"cd ~/{REMOTE_DIR} && {command}", worker=args.worker), args.dry_run)
+  run_all(ssh_all(args, f"cd ~/{REMOTE_DIR} && {command}", worker=args.worker), args.dry_run)
 
 
 def logs(args) -> None:
   worker = getattr(args, "worker", "0")
-  run(ssh(args, f"tail -n +1 -F ~/{LOG}", worker=worker), args.dry_run, check=False)
+  # Several slices: the first slice's VM, whose worker 0 is JAX's process 0.
+  run(ssh(args, f"tail -n +1 -F ~/{LOG}", worker=worker, node=nodes(args)[0]), args.dry_run,
+      check=False)
 
 
 def stop(args) -> None:
-  run(ssh(args, f"if [ -f ~/{PID} ]; then kill -TERM $(cat ~/{PID}) 2>/dev/null || true; fi"),
-      args.dry_run)
+  run_all(ssh_all(args, f"if [ -f ~/{PID} ]; then kill -TERM $(cat ~/{PID}) 2>/dev/null || "
+                        "true; fi"), args.dry_run)
 
 
 def delete(args) -> None:
+  _multislice_needs_queued(args, "delete")
   if args.queued:
     run(["gcloud", "compute", "tpus", "queued-resources", "delete", args.name, *_location(args),
          "--force", "--quiet"], args.dry_run)
@@ -171,6 +225,7 @@ def delete(args) -> None:
 
 
 def status(args) -> None:
+  _multislice_needs_queued(args, "status")
   if args.queued:
     run(["gcloud", "compute", "tpus", "queued-resources", "describe", args.name,
          *_location(args)], args.dry_run)
@@ -190,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--zone", required=True, help="e.g. us-central2-b (v4).")
     p.add_argument("--project", default=None, help="Default: gcloud's configured project.")
     p.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    p.add_argument("--num_slices", type=int, default=1,
+                   help="Slices of a multi-slice queued resource (its VMs: NAME-0, NAME-1, ...).")
     return p
 
   p = command("create", create, "Create a TPU VM or pod slice.")
@@ -237,6 +294,8 @@ def main(argv=None) -> None:
     p.add_argument("--queued", action="store_true", help="It was created with --queued.")
 
   args = parser.parse_args(argv)
+  if args.num_slices < 1:
+    parser.error(f"--num_slices={args.num_slices} must be >= 1.")
   if "--dry_run" in getattr(args, "overrides", []):
     parser.error("--dry_run goes before `--` (after it, arguments go to imagen_jax.train).")
   for item in getattr(args, "env", []):

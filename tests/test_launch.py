@@ -132,6 +132,46 @@ def test_exec_any_command_on_the_workers(stubs):
       f"--zone={ZONE}"]
 
 
+def test_multislice_queued_resource_and_every_slice(stubs):
+  """--num_slices=2: one queued resource of two slices (VMs imagen-0, imagen-1); setup,
+  train and stop reach the workers of both, logs follows worker 0 of the first."""
+  assert tpu(stubs, "create", "--accelerator_type=v4-128", "--queued", "--num_slices=2",
+             "--spot")[0] == (
+      "gcloud compute tpus queued-resources create imagen --node-count=2 --node-prefix=imagen "
+      f"--accelerator-type=v4-128 --runtime-version=tpu-ubuntu2204-base --zone={ZONE} --spot")
+  setup = tpu(stubs, "setup", "--num_slices=2")
+  assert setup[0].startswith("tar -czf /tmp/imagen-imagen_jax.tar.gz")
+  assert [shlex.split(line)[:7] for line in setup[1:]] == [
+      ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/imagen-imagen_jax.tar.gz",
+       "imagen-0:imagen_jax.tar.gz"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/imagen-imagen_jax.tar.gz",
+       "imagen-1:imagen_jax.tar.gz"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "imagen-0", "--worker=all"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "imagen-1", "--worker=all"]]
+  train = [shlex.split(line) for line in tpu(
+      stubs, "train", "--num_slices=2", "--config=configs/my_imagen.py", "--workdir=gs://b/w",
+      "--stage=base")]
+  assert [t[:7] for t in train] == [
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", f"imagen-{i}", "--worker=all"]
+      for i in range(2)]
+  assert train[0][7:] == train[1][7:]
+  assert "python3 -m imagen_jax.train --config=configs/my_imagen.py --workdir=gs://b/w " \
+         "--distributed --stage=base" in train[0][7]
+  assert tpu(stubs, "logs", "--num_slices=2") == [
+      f"gcloud compute tpus tpu-vm ssh imagen-0 --worker=0 "
+      f"'--command=tail -n +1 -F ~/imagen_jax_train.log' --zone={ZONE}"]
+  assert [shlex.split(line)[5] for line in tpu(stubs, "stop", "--num_slices=2")] == [
+      "imagen-0", "imagen-1"]
+  assert tpu(stubs, "delete", "--queued", "--num_slices=2") == [
+      f"gcloud compute tpus queued-resources delete imagen --zone={ZONE} --force --quiet"]
+  # Several slices exist only as a queued resource.
+  out = subprocess.run([sys.executable, "launch/tpu.py", "create", "--name=i", f"--zone={ZONE}",
+                        "--num_slices=2", "--dry_run"], cwd=REPO,
+                       env=dict(os.environ, PATH=stubs["path"]), capture_output=True, text=True)
+  assert out.returncode == 1 and "several slices are one queued resource; add --queued" in out.stderr
+  assert not stubs["calls"].exists()
+
+
 def test_dry_run_after_the_separator_is_refused(stubs):
   out = subprocess.run([sys.executable, "launch/tpu.py", "train", "--name=i", f"--zone={ZONE}",
                         "--config=c", "--workdir=w", "--", "--dry_run"], cwd=REPO,

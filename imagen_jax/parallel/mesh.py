@@ -4,6 +4,15 @@ A mesh is described by a mapping of axis name -> size, in order, e.g.
 `{"data": -1, "fsdp": 1, "tensor": 1}`; -1 means "all the devices the other axes leave".
 Logical axis names (see `axes.py`) are mapped to mesh axes by rules, and everything
 below is expressed through those rules: model code never sees device counts.
+
+Several TPU slices (multi-slice): an axis named `slice` (axes.SLICE) in the mapping, e.g.
+`{"slice": 2, "data": -1, "fsdp": 8, "tensor": 1}`, is the number of slices. It is always
+the mesh's first (outermost) axis, wherever it appears in the mapping, and its devices are
+grouped by slice (`slice_groups`): mesh.devices[s] are the devices of slice s. With rules
+that shard only the batch over it (axes.MULTISLICE_RULES, enforced by `check_rules`), the
+data-center network between slices carries only the data-parallel gradient all-reduce;
+fsdp and tensor collectives stay inside a slice. A mapping without `slice` builds exactly
+the mesh it always did.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imagen_jax.parallel import axes
@@ -20,9 +30,23 @@ from imagen_jax.parallel import axes
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
+SLICE = axes.SLICE
+
+
 def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Replaces a single -1 with the number of devices left; checks the product."""
+  """Replaces a single -1 with the number of devices left; checks the product. A `slice`
+  axis (the number of slices, never -1) is moved to the front."""
   shape = dict(mesh_shape)
+  if SLICE in shape:
+    slices = shape.pop(SLICE)
+    if not isinstance(slices, (int, np.integer)) or isinstance(slices, bool) or slices < 1:
+      raise ValueError(f"config.mesh.slice={slices}: give the number of TPU slices the run "
+                       "spans (1 or more; -1 is not allowed for the slice axis).")
+    if num_devices % slices:
+      raise ValueError(f"config.mesh.slice={slices} does not divide the {num_devices} devices: "
+                       "every slice holds the same number of devices; set it to the number "
+                       "of slices the run spans.")
+    shape = {SLICE: slices, **shape}
   unknown = [name for name, size in shape.items() if size == -1]
   if len(unknown) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1, got {unknown}.")
@@ -47,7 +71,8 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[
   return shape
 
 
-def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              slice_of=None) -> Mesh:
   """Builds a mesh with Auto axis types (Explicit axes break linen logical partitioning).
 
   Devices are laid out host by host (sorted by process index, then id): with the batch
@@ -55,14 +80,96 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
   batch, block `jax.process_index()` in host order, which is the block the input
   pipeline reads on that host (`check_host_batch_layout`). An explicit `devices` list is
   laid out in its own order.
+
+  With a `slice` axis the devices are first split into slices (`slice_groups`; `slice_of`
+  overrides how a device's slice is found), then each slice is laid out as above over
+  the other axes: the mesh is [slice, <the other axes>], slice s's devices at index s.
   """
   if devices is None:
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   devices = list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
-  device_array = np.asarray(devices).reshape(tuple(shape.values()))
+  if SLICE in shape:
+    device_array = slice_device_array(devices, shape[SLICE], tuple(shape.values())[1:],
+                                      slice_of)
+  else:
+    hardware = _hardware_slice_of(devices)
+    if hardware is not None and len({hardware(d) for d in devices}) > 1:
+      logging.warning(
+          "The %d devices span %d TPU slices but config.mesh %s has no 'slice' axis: fsdp "
+          "and tensor collectives may cross the slow data-center network. Add "
+          "config.mesh.slice=<number of slices> with axes.MULTISLICE_RULES (BUILD_TPU.md, "
+          "Multi-slice).", len(devices), len({hardware(d) for d in devices}), shape)
+    device_array = np.asarray(devices).reshape(tuple(shape.values()))
   return Mesh(device_array, tuple(shape.keys()),
               axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _hardware_slice_of(devices):
+  """`device -> slice_index` where the hardware reports slices (TPUs, or any devices with
+  more than one distinct slice_index), else None."""
+  if not devices or not all(hasattr(d, "slice_index") for d in devices):
+    return None
+  if devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1:
+    return lambda d: d.slice_index
+  return None
+
+
+def slice_groups(devices: Sequence, num_slices: int, slice_of=None) -> list[list]:
+  """The devices of each of `num_slices` slices, each list in the order of `devices`.
+
+  A device's slice is `slice_of(device)` when given. Otherwise, on TPUs (devices with a
+  `slice_index`), it is `device.slice_index`, and the devices must come in exactly
+  `num_slices` distinct slice indices. Devices without one (CPU, most GPUs) are cut into
+  `num_slices` equal consecutive blocks of `devices`: make_mesh lists them by process,
+  then id, so one process per slice (GPU nodes, the tests' processes) makes each
+  process's devices a slice, and in one process the slices are runs of consecutive ids.
+  Slices come in the order of their first device in `devices` (on TPU: host order, in
+  which each slice's hosts hold one block of every batch).
+  """
+  devices = list(devices)
+  if len(devices) % num_slices:
+    raise ValueError(f"config.mesh.slice={num_slices} does not divide the {len(devices)} "
+                     "devices; set it to the number of slices the run spans.")
+  slice_of = slice_of or _hardware_slice_of(devices)
+  if slice_of is None:
+    per = len(devices) // num_slices
+    return [devices[i * per:(i + 1) * per] for i in range(num_slices)]
+  groups: dict = {}
+  for d in devices:
+    groups.setdefault(slice_of(d), []).append(d)
+  if len(groups) != num_slices:
+    raise ValueError(
+        f"config.mesh.slice={num_slices}, but the {len(devices)} devices are in "
+        f"{len(groups)} slice(s) (slice_index {sorted(groups)}); set "
+        f"--config.mesh.slice={len(groups)}.")
+  sizes = {key: len(group) for key, group in groups.items()}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"The slices hold different numbers of devices ({sizes} by slice_index); "
+                     "a multi-slice mesh needs slices of one size (one accelerator type).")
+  return list(groups.values())
+
+
+def slice_device_array(devices: Sequence, num_slices: int, slice_shape: Sequence[int],
+                       slice_of=None) -> np.ndarray:
+  """[num_slices, *slice_shape] array of the devices: index s holds slice s's devices (see
+  `slice_groups`), each slice reshaped in its own order. This is
+  `jax.experimental.mesh_utils.create_hybrid_device_mesh((1, *slice_shape),
+  (num_slices, 1, ...), devices)` except in two orders: slices come in host order, not
+  sorted by slice_index (the same where, as on Cloud TPU, processes are numbered slice by
+  slice), and within a slice devices keep host order (as on one slice), not TPU topology
+  order, which could scatter a host's devices over non-contiguous rows of the batch."""
+  groups = slice_groups(devices, num_slices, slice_of)
+  per_slice = math.prod(slice_shape)
+  if len(groups[0]) != per_slice:
+    raise ValueError(f"Each of the {num_slices} slices holds {len(groups[0])} devices, but "
+                     f"the other config.mesh axes {tuple(slice_shape)} need {per_slice}.")
+  array = np.empty((num_slices, *slice_shape), dtype=object)
+  for s, group in enumerate(groups):
+    flat = np.empty(len(group), dtype=object)
+    flat[:] = group
+    array[s] = flat.reshape(tuple(slice_shape))
+  return array
 
 
 def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
@@ -76,7 +183,8 @@ def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], 
 
 
 def check_rules(rules: Rules, mesh: Mesh) -> None:
-  """Every mesh axis named by a rule must exist in the mesh."""
+  """Every mesh axis named by a rule must exist in the mesh. The `slice` axis (several TPU
+  slices) may shard the batch only, and must shard it when there is more than one slice."""
   for name, target in rules:
     targets = () if target is None else (target,) if isinstance(target, str) else target
     for axis in targets:
@@ -84,6 +192,19 @@ def check_rules(rules: Rules, mesh: Mesh) -> None:
         raise ValueError(
             f"config.axis_rules maps {name!r} to mesh axis {axis!r}, but the mesh has only "
             f"{mesh.axis_names}; add it to config.mesh (size 1 is fine) or fix the rule.")
+    if SLICE in targets and name != axes.BATCH:
+      raise ValueError(
+          f"config.axis_rules maps {name!r} to mesh axis 'slice': only the batch may be "
+          "split over slices (params, optimizer state and activations other than the batch "
+          "stay whole within each slice, so that only the gradient all-reduce crosses the "
+          "data-center network); remove 'slice' from that rule.")
+  if SLICE in mesh.axis_names and mesh.shape[SLICE] > 1:
+    batch = batch_axes(rules)
+    if not batch or batch[0] != SLICE:
+      raise ValueError(
+          f"config.mesh.slice={mesh.shape[SLICE]}, but config.axis_rules shards 'batch' over "
+          f"{batch}: the batch must be split over 'slice' first, e.g. ['batch', ['slice', "
+          "'data', 'fsdp']]; use axes.MULTISLICE_RULES (or axes.with_slices(rules)).")
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
