@@ -206,6 +206,7 @@ def main(argv):
       if "peak_memory_bytes" in peer:
         peer["peak_memory_gib"] = peer.pop("peak_memory_bytes") / 2**30
       result["peer"] = peer
+      log("peer result: " + json.dumps(peer, default=float))
     except Exception as e:  # noqa: BLE001
       log(f"peer FAILED: {str(e)[:3000]}")
       result["peer"] = dict(error=str(e)[:1000])

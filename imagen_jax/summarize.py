@@ -128,7 +128,9 @@ def unet_flops(spec: stages_lib.StageSpec, *, size: int, text_len: int,
                train: bool) -> int:
   """Model FLOPs of one image through the U-Net at side `size`: forward + backward with
   respect to the params (train=True) or forward only."""
-  unet_cfg = dataclasses.replace(spec.unet, remat="none")  # model FLOPs, not hardware FLOPs
+  # Model FLOPs, not hardware FLOPs: no remat, and attention as einsums (a fused kernel is a
+  # custom call whose FLOPs the jaxpr does not show).
+  unet_cfg = dataclasses.replace(spec.unet, remat="none", attention_impl="einsum")
   model = UNet(unet_cfg)
   params = abstract_params(dataclasses.replace(spec, unet=unet_cfg))
   x, t, cond = _abstract(_stage_inputs(spec, text_len, size))

@@ -193,6 +193,17 @@ class TimeEmbedding(nn.Module):
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
+def pad_keys(k: jax.Array, v: jax.Array, mask: Optional[jax.Array], multiple: int):
+  """k, v [B, S, H, D] and mask [B, S] padded along S to a multiple of `multiple` with
+  masked-out keys (an output-preserving change: they get exactly zero weight)."""
+  pad = -k.shape[1] % multiple
+  if not pad:
+    return k, v, mask
+  mask = jnp.ones(k.shape[:2], bool) if mask is None else mask
+  k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+  return k, v, jnp.pad(mask, ((0, 0), (0, pad)))
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
               mask: Optional[jax.Array] = None, impl: str = "einsum") -> jax.Array:
   """Multi-head attention. q [B, N, H, D], k/v [B, S, H, D], mask [B, S] bool.
@@ -205,9 +216,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl != "einsum":
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention impl={impl!r}: use one of {ATTENTION_IMPLS}.")
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else mask[:, None, None, :],
-        scale=q.shape[-1] ** -0.5, implementation=impl)
+    if impl == "cudnn":  # its flash attention (the training path) takes keys in 64s
+      k, v, mask = pad_keys(k, v, mask, multiple=64)
+    if mask is not None:  # [B, 1, N, S]: cuDNN wants the query length spelled out
+      mask = jnp.broadcast_to(mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
+                                        implementation=impl)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bnhd,bshd->bhns", q, k,
                       preferred_element_type=jnp.float32) * scale
