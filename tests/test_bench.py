@@ -1,0 +1,95 @@
+"""The benchmark machinery: the peak table, MFU arithmetic, the cuDNN key padding, and
+the imagen-pytorch peer (run for one step in this Python, which has it for parity tests).
+No timing is asserted anywhere."""
+import dataclasses
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import perf, summarize
+from imagen_jax.config_files import load_sibling
+from imagen_jax.models import layers
+from imagen_jax.train import stages as stages_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("kind, bf16, f32", [
+    ("NVIDIA H100 80GB HBM3", 989, 495),
+    ("NVIDIA H100 PCIe", 756, 378),
+    ("NVIDIA H200", 989, 495),
+    ("NVIDIA A100-SXM4-80GB", 312, 156),
+    ("TPU v4", 275, 275),
+    ("TPU v5 lite", 197, 197),
+    ("TPU v5e", 197, 197),
+    ("TPU v5p", 459, 459),
+    ("TPU v6 lite", 918, 918),
+])
+def test_peak_table_matches_device_kinds(kind, bf16, f32):
+  assert perf.peak_tflops(kind, "bfloat16") == bf16
+  assert perf.peak_tflops(kind, "float32") == f32
+  assert perf.find_peak(kind).source
+
+
+def test_unknown_devices_have_no_peak_and_mfu_is_plain_arithmetic():
+  assert perf.find_peak("cpu") is None and perf.peak_tflops("cpu", "float32") is None
+  # 4 TFLOP per image at 100 images/s on a 989 TFLOP/s chip.
+  assert perf.mfu(4e12, 100.0, 989.0) == pytest.approx(400 / 989)
+  nbytes, what = perf.peak_memory()
+  assert nbytes > 0 and what
+
+
+def test_padded_keys_leave_attention_unchanged():
+  """cuDNN's flash attention takes keys in multiples of 64; the padding must be masked out
+  exactly (checked on the einsum and XLA paths, which run here)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((2, 16, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)))
+  for mask in (None, jnp.arange(9)[None] < jnp.array([[5], [9]])):
+    kp, vp, mp = layers.pad_keys(k, v, mask, multiple=64)
+    assert kp.shape[1] == 64 and mp.shape == (2, 64) and not bool(mp[:, 9:].any())
+    ref = layers.attention(q, k, v, mask)
+    for impl in ("einsum", "xla"):
+      np.testing.assert_allclose(layers.attention(q, kp, vp, mp, impl), ref, atol=1e-6)
+  assert layers.pad_keys(k[:, :8], v[:, :8], None, multiple=8)[2] is None  # no-op
+
+
+def test_model_flops_ignore_remat_and_attention_kernel():
+  config = load_sibling(os.path.join(ROOT, "configs", "x.py"), "shapes").get_config("tiny")
+  base = summarize.train_flops_per_image(config, "base")
+  for field, value in (("remat", "full"), ("attention_impl", "xla")):
+    config.stages.base.unet[field] = value
+    assert summarize.train_flops_per_image(config, "base") == base, field
+  # forward + backward ~ 3x forward for a conv net (backward: input and weight gradients)
+  forward = summarize.sample_flops_per_image(config, "base")
+  assert 2.5 * forward < base < 3.5 * forward
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="imagen-pytorch is not installed (README's test command installs it)")
+def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
+  """The peer maps our U-Net config onto imagen-pytorch's Unet and runs its training step
+  (Adam, clipping, EMA) in a subprocess; here in this Python, for one timed step."""
+  sys.path.insert(0, ROOT)
+  from bench import peer_env
+  from bench.train_step import peer_spec  # noqa: F401  (the flags module imports cleanly)
+  config = load_sibling(os.path.join(ROOT, "configs", "x.py"), "bench_cpu").get_config()
+  spec = stages_lib.stage_spec(config, "base")
+  unet = spec.unet  # the issue's CPU target (16.8M params), at 16x16 to keep it short
+  peer = peer_env.run_peer(sys.executable, dict(
+      mode="train", unet=dataclasses.asdict(unet), resolution=16, lowres_resolution=0,
+      batch=2, text_len=config.text.max_length, steps=1, warmup=0, dtype="float32",
+      prediction="v", schedule="cosine", cond_drop_prob=0.1, lr=1e-4, b1=0.9, b2=0.99,
+      eps=1e-8, grad_clip=1.0, ema_decay=0.999, device="cpu", threads=1))
+  ours = sum(x.size for x in jax.tree.leaves(
+      summarize.abstract_params(dataclasses.replace(spec, unet=unet)))) / 1e6
+  # Same knobs, slightly different structure (bench/peers/imagen_pytorch_peer.py): the
+  # sizes agree to within 5% (16.6M vs 16.8M), and the FLOP count is torch's own.
+  assert peer["params_m"] == pytest.approx(ours, rel=0.05)
+  assert peer["train_flops_per_image"] > 0 and peer["step_s"] > 0
