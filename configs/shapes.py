@@ -116,6 +116,9 @@ def get_config(arg=None):
     for stage in (c.stages.base, c.stages.sr):
       stage.train.update(log_every=50, checkpoint_every=500, sample_every=stage.train.num_steps)
     c.stages.sr.optimizer.warmup_steps = 50
+    # No end-of-stage grid for the SR: the evaluation right after writes the cascade's
+    # 64x64 samples (eval/samples.png), and the grid cost 7-65 s of the 15-minute budget.
+    c.stages.sr.train.sample_every = 0
     c.stages.sr.sample.lowres_aug_t = 0.05
     # DPM-Solver++(2M) at 8 + 5 steps samples these models as well as DDIM at 20 + 10
     # (bench/README.md, session 3: alignment of the same checkpoints under both), in half

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 
 import jax
@@ -10,7 +11,7 @@ from absl import logging
 from imagen_jax.data import embeddings, pipeline
 from imagen_jax.parallel import distributed
 from imagen_jax.train import faults
-from imagen_jax.train.loop import train_stage
+from imagen_jax.train.loop import prepare_stage, train_stage
 from imagen_jax.train.step import text_features
 from imagen_jax.train.workdir import prepare_run
 
@@ -27,13 +28,18 @@ def train_cascade(config, workdir: str, stage: str | None = None) -> dict:
 
   steps = {}
   data_ready = _prepare_later_data(config, specs[1:], first_task=specs[0].task)
+  prepared = {}  # stage name -> Future of loop.prepare_stage, started by the stage before
   with faults.handle_sigterm():  # a SIGTERM between stages stops before the next one
-    for spec in specs:
+    for i, spec in enumerate(specs):
       if faults.sigterm_anywhere():  # any host's SIGTERM stops every host
         raise faults.Preempted(spec.name)
       if spec.name in data_ready:
         data_ready[spec.name].result()  # re-raises a failure of the background thread
-      steps[spec.name] = _train_one(config, run, spec, workdir)
+      later = specs[i + 1] if i + 1 < len(specs) else None
+      steps[spec.name] = _train_one(
+          config, run, spec, workdir, prepared=prepared.get(spec.name),
+          on_started=lambda later=later: _prepare_next_stage(config, run, later, workdir,
+                                                             prepared))
     if faults.sigterm_anywhere():  # during the last step: stop before anything else starts
       raise faults.Preempted(spec.name, steps[spec.name], steps[spec.name])
   logging.info("Trained %s in %.0fs.", steps, time.time() - t_start)
@@ -57,7 +63,22 @@ def _prepare_later_data(config, specs, *, first_task: str) -> dict:
   return futures
 
 
-def _train_one(config, run, spec, workdir: str) -> int:
+def _prepare_next_stage(config, run, spec, workdir: str, prepared: dict) -> None:
+  """Once a stage is training, builds the next one's initial state and compiled step in a
+  background thread (one host, a fresh stage on token batches), so that the switch
+  between stages costs no initialisation or compilation: those are mostly
+  single-threaded, and a small machine's training step leaves a core partly idle."""
+  if (spec is None or jax.process_count() > 1 or spec.embeddings_dir
+      or os.path.isdir(os.path.join(workdir, spec.name, "checkpoints"))):
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare_stage")
+  prepared[spec.name] = pool.submit(
+      prepare_stage, spec, mesh=run.mesh, rules=run.rules, text_encoder=run.text_encoder,
+      text_params=run.text_params, seed=config.seed, max_length=config.text.max_length)
+  pool.shutdown(wait=False)
+
+
+def _train_one(config, run, spec, workdir: str, *, prepared=None, on_started=None) -> int:
   """Trains one stage on its seqio task (or its precomputed embeddings); returns its final
   step."""
   max_length = config.text.max_length
@@ -82,7 +103,7 @@ def _train_one(config, run, spec, workdir: str) -> int:
       text_params=run.text_params, make_batches=make_batches,
       sample_batch=pipeline.first_examples(task, "validation", spec.train.num_sample_images,
                                            max_length=max_length),
-      seed=config.seed, max_length=max_length)
+      seed=config.seed, max_length=max_length, prepared=prepared, on_started=on_started)
   return int(state.step)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import io
 import os
@@ -51,13 +52,17 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.Module,
-                text_params, make_batches, sample_batch, seed: int, max_length: int):
+                text_params, make_batches, sample_batch, seed: int, max_length: int,
+                prepared: "concurrent.futures.Future | None" = None, on_started=None):
   """Trains one stage to spec.train.num_steps, resuming from the workdir if possible.
 
   make_batches: fn(start_step) -> iterator of host-local numpy batches
     {"image", "text_tokens"[, "key"]}, from the batch of step start_step on (an exact
     resume needs batch s to depend on s only).
   sample_batch: a fixed host-local batch (captions + images) for the periodic sample grids.
+  prepared: a Future of `prepare_stage(spec, ...)` (made in the background while an earlier
+    stage trained): its model, initial state and compiled step are used, not rebuilt.
+  on_started: called once the first train step of this stage has been dispatched.
   Returns the final TrainState. Raises faults.Preempted after a SIGTERM, once the
   checkpoint of the current step is saved, and faults.NonfiniteError after
   spec.train.max_consecutive_nonfinite skipped updates in a row.
@@ -67,10 +72,18 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
   writer = MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_host0)
 
   # ---- Model, optimizer and the sharded train state. ----
-  unet = UNet(spec.unet)
-  optimizer = make_optimizer(spec.optimizer)
-  inputs = example_inputs(spec, text_encoder.config.d_model, max_length)
-  abstract, shardings = abstract_train_state(unet, inputs, optimizer, mesh=mesh, rules=rules)
+  if prepared is not None:
+    t0 = time.time()
+    prepared = prepared.result()  # re-raises a failure of the background preparation
+    logging.info("Stage %s: prepared in the background (waited %.1fs).", spec.name,
+                 time.time() - t0)
+    unet, optimizer, inputs = prepared.unet, prepared.optimizer, prepared.inputs
+    abstract, shardings = prepared.abstract, prepared.shardings
+  else:
+    unet = UNet(spec.unet)
+    optimizer = make_optimizer(spec.optimizer)
+    inputs = example_inputs(spec, text_encoder.config.d_model, max_length)
+    abstract, shardings = abstract_train_state(unet, inputs, optimizer, mesh=mesh, rules=rules)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("Stage %s: U-Net with %.2fM parameters.", spec.name, num_params / 1e6)
 
@@ -82,7 +95,9 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
     manager.close()
     return state
   start_step = 0 if state is None else int(state.step)
-  if state is None:
+  if state is None and prepared is not None:
+    state = prepared.initial_state
+  elif state is None:
     rng = jax.random.fold_in(jax.random.key(seed), zlib_hash(spec.name))
     init = functools.partial(init_train_state, unet, inputs, optimizer, rng=rng, mesh=mesh,
                              rules=rules, shardings=shardings)
@@ -101,11 +116,67 @@ def train_stage(spec: StageSpec, *, workdir: str, mesh, rules, text_encoder: nn.
                                 unet=unet, optimizer=optimizer,
                                 text_encoder=text_encoder, text_params=text_params,
                                 make_batches=make_batches, sample_batch=sample_batch, mesh=mesh,
-                                rules=rules, stage_dir=stage_dir, writer=writer, seed=seed)
+                                rules=rules, stage_dir=stage_dir, writer=writer, seed=seed,
+                                compiled=None if prepared is None else prepared.compiled,
+                                on_started=on_started)
     finally:
       saver.close()  # waits for the last save; a failed one is logged, never raised
       writer.flush()
   return state
+
+
+def compile_train_step(spec, unet, optimizer, text_encoder, text_params, abstract, shardings,
+                       global_batch, *, mesh, rules):
+  """The stage's train step compiled for `global_batch` (arrays or ShapeDtypeStructs)."""
+  train_step = make_train_step(unet, text_encoder, spec.diffusion, optimizer,
+                               ema_decay=spec.optimizer.ema_decay,
+                               lowres_resolution=spec.lowres_resolution,
+                               train_crop=spec.train_crop)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(
+        train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules), None),
+        out_shardings=(shardings, None), donate_argnums=(0,),
+    ).lower(ckpt.abstract_like(abstract, shardings), global_batch, text_params).compile()
+
+
+def _avals(batch) -> dict:
+  return {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class PreparedStage:
+  """A stage's model, abstract state, initial state and compiled step, built ahead."""
+  unet: nn.Module
+  optimizer: object
+  inputs: tuple
+  abstract: object
+  shardings: object
+  initial_state: object  # the TrainState of step 0 (used only if no checkpoint exists)
+  compiled: tuple        # (compiled step, the abstract batch it was compiled for)
+
+
+def prepare_stage(spec: StageSpec, *, mesh, rules, text_encoder: nn.Module, text_params,
+                  seed: int, max_length: int) -> PreparedStage:
+  """Builds what `train_stage` needs before its first step, for batches of token ids
+  (the stage's built-in task, not precomputed embeddings): run it in a background thread
+  while an earlier stage trains (single host: it compiles and runs programs of its own)."""
+  t0 = time.time()
+  unet = UNet(spec.unet)
+  optimizer = make_optimizer(spec.optimizer)
+  inputs = example_inputs(spec, text_encoder.config.d_model, max_length)
+  abstract, shardings = abstract_train_state(unet, inputs, optimizer, mesh=mesh, rules=rules)
+  rng = jax.random.fold_in(jax.random.key(seed), zlib_hash(spec.name))
+  initial = init_train_state(unet, inputs, optimizer, rng=rng, mesh=mesh, rules=rules,
+                             shardings=shardings)
+  sharding = mesh_lib.batch_sharding(mesh, rules)
+  b, r = spec.train.batch_size, spec.resolution
+  batch = {"image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.uint8, sharding=sharding),
+           "text_tokens": jax.ShapeDtypeStruct((b, max_length), jnp.int32, sharding=sharding)}
+  compiled = compile_train_step(spec, unet, optimizer, text_encoder, text_params, abstract,
+                                shardings, batch, mesh=mesh, rules=rules)
+  logging.info("Stage %s: initialised and compiled in the background in %.1fs.", spec.name,
+               time.time() - t0)
+  return PreparedStage(unet, optimizer, inputs, abstract, shardings, initial, (compiled, batch))
 
 
 def _resume(manager, abstract, shardings):
@@ -122,24 +193,25 @@ def _resume(manager, abstract, shardings):
 
 def _compile_and_loop(spec, state, abstract, shardings, saver, *, start_step, unet, optimizer,
                       text_encoder, text_params, make_batches, sample_batch, mesh, rules,
-                      stage_dir, writer, seed):
-  """`state`: the TrainState of start_step, or a Future of it (initialising meanwhile)."""
+                      stage_dir, writer, seed, compiled=None, on_started=None):
+  """`state`: the TrainState of start_step, or a Future of it (initialising meanwhile).
+  `compiled`: (the step compiled ahead for an abstract batch, that batch), or None."""
   # ---- Compile the step ahead of the loop. ----
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  train_step = make_train_step(unet, text_encoder, spec.diffusion, optimizer,
-                               ema_decay=spec.optimizer.ema_decay,
-                               lowres_resolution=spec.lowres_resolution,
-                               train_crop=spec.train_crop)
   key_log = _KeyLog(stage_dir, spec.train.log_example_keys)
   batches = make_batches(start_step)
   global_batch = _global_batch(next(batches), start_step, mesh, rules, key_log)
   t0 = time.time()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(
-        train_step, in_shardings=(shardings, batch_sharding, None),
-        out_shardings=(shardings, None), donate_argnums=(0,),
-    ).lower(ckpt.abstract_like(abstract, shardings), global_batch, text_params).compile()
-  logging.info("Stage %s: train step compiled in %.1fs.", spec.name, time.time() - t0)
+  if compiled is not None and _avals(compiled[1]) != _avals(global_batch):
+    logging.warning("Stage %s: the batch %s differs from the one the step was compiled for "
+                    "in the background (%s); compiling again.", spec.name,
+                    _avals(global_batch), _avals(compiled[1]))
+    compiled = None
+  if compiled is None:
+    compiled = compile_train_step(spec, unet, optimizer, text_encoder, text_params, abstract,
+                                  shardings, global_batch, mesh=mesh, rules=rules)
+    logging.info("Stage %s: train step compiled in %.1fs.", spec.name, time.time() - t0)
+  else:
+    compiled = compiled[0]
   if isinstance(state, concurrent.futures.Future):
     state = state.result()
     logging.info("Stage %s: train state initialised (%.1fs after the compile started).",
@@ -160,6 +232,8 @@ def _compile_and_loop(spec, state, abstract, shardings, saver, *, start_step, un
     if step > start_step:
       batch = _global_batch(next(batches), step, mesh, rules, key_log)
     state, metrics = compiled(state, batch, text_params)
+    if on_started is not None and step == start_step:
+      on_started()
     done = step + 1
     guard.push(done, metrics)
 
