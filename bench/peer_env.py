@@ -73,7 +73,13 @@ def _importable(python: str, requirement: str) -> bool:
 
 def run_peer(python: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
   """Runs bench/peers/imagen_pytorch_peer.py with `spec` in the peer's python; returns
-  its result (raises with the peer's output if it printed none)."""
+  its result (raises with the peer's output if it printed none).
+
+  On a CPU the peer's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, unless the
+  variable is set): spin-waiting threads made it 10-30x slower whenever another process
+  held a core (bench/README.md), and JAX's own threads do not spin."""
+  if spec.get("device") == "cpu":
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
   proc = subprocess.run([python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"),
                          json.dumps(spec)], capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, **(env or {})})

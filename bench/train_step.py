@@ -51,18 +51,6 @@ flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
 FLAGS = flags.FLAGS
 
 
-def peak_for(device, dtype: str, log) -> tuple[float, str]:
-  from imagen_jax import perf
-  if FLAGS.peak_tflops:
-    return FLAGS.peak_tflops, "--peak_tflops"
-  peak = perf.find_peak(device.device_kind)
-  if peak is not None:
-    return perf.peak_tflops(device.device_kind, dtype), peak.source
-  rate = perf.measured_matmul_tflops("float32" if dtype == "float32" else "bfloat16")
-  log(f"no peak for {device.device_kind!r}: using the measured 1024^3 matmul rate")
-  return rate, f"measured {dtype} 1024^3 matmul on this {device.platform} (not a datasheet peak)"
-
-
 def time_steps(compiled, state, batch, text_params):
   import jax
   times = []
@@ -181,7 +169,7 @@ def main(argv):
   n = jax.device_count()
   dtype = spec.unet.dtype
   flops = summarize.train_flops_per_image(config, spec.name)
-  peak, peak_source = peak_for(device, dtype, log)
+  peak, peak_source = perf.peak_for(device, dtype, FLAGS.peak_tflops, log)
   result = dict(
       stage=spec.name, resolution=spec.resolution, train_size=summarize.train_size(spec),
       batch=batch_size, dtype=dtype, optimizer=spec.optimizer.name,

@@ -83,6 +83,22 @@ def measured_matmul_tflops(dtype: str = "float32", n: int = 1024, repeats: int =
   return 2 * n ** 3 / times[len(times) // 2] / 1e12
 
 
+def peak_for(device: jax.Device, dtype: str, override: float = 0.0,
+             log=None) -> tuple[float, str]:
+  """(peak TFLOP/s per device, where the figure comes from) for MFU: `override` if
+  non-zero (a --peak_tflops flag), else the table's entry for the device, else (a CPU)
+  the measured 1024^3 matmul rate of this machine, labelled as such."""
+  if override:
+    return float(override), "--peak_tflops"
+  peak = find_peak(device.device_kind)
+  if peak is not None:
+    return peak_tflops(device.device_kind, dtype), peak.source
+  rate = measured_matmul_tflops("float32" if dtype == "float32" else "bfloat16")
+  if log is not None:
+    log(f"no peak for {device.device_kind!r}: using the measured 1024^3 matmul rate")
+  return rate, f"measured {dtype} 1024^3 matmul on this {device.platform} (not a datasheet peak)"
+
+
 def peak_memory(device: Optional[jax.Device] = None) -> tuple[Optional[int], str]:
   """(bytes, what): the device allocator's peak where it reports one (GPU, TPU), else
   the process's peak resident set (CPU: parameters, activations and Python alike)."""

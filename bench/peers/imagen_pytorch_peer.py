@@ -5,7 +5,9 @@ Runs inside the peer's own virtual environment (bench/peer_env.py makes it), so 
 imports no JAX and nothing of imagen_jax: the benchmark passes everything as JSON.
 
   python bench/peers/imagen_pytorch_peer.py '{"mode": "train", ...}'
-Prints one JSON line (prefixed "PEER_RESULT ") with the figures.
+Prints one JSON line (prefixed "PEER_RESULT ") with the figures. Modes: "train" (one
+optimizer step, bench/train_step.py) and "sample" (one stage of imagen-pytorch's own
+DDPM sampling with `sample_steps` steps and guidance, bench/sample.py).
 
 How our U-Net config maps onto imagen-pytorch's `Unet` (the knobs both have):
   base_channels -> dim, channel_mults -> dim_mults, num_res_blocks -> num_resnet_blocks,
@@ -64,7 +66,8 @@ def build(spec, torch, ip):
       timesteps=spec.get("sample_steps", 1000), cond_drop_prob=spec["cond_drop_prob"],
       noise_schedules=spec["schedule"],
       pred_objectives={"eps": "noise", "v": "v", "x0": "x_start"}[spec["prediction"]],
-      min_snr_loss_weight=False, dynamic_thresholding=spec.get("dynamic_thresholding", True))
+      min_snr_loss_weight=False, dynamic_thresholding=spec.get("dynamic_thresholding", True),
+      lowres_sample_noise_level=spec.get("lowres_noise_level", 0.2))
   return imagen.to(spec["device"]), len(unets)
 
 
@@ -119,15 +122,32 @@ def main():
     result["train_flops_per_image"] = counter.get_total_flops() / b
     item = b
   elif spec["mode"] == "sample":
-    unet.eval()
+    # One stage of imagen-pytorch's own sampler: ancestral DDPM over `timesteps` =
+    # spec["sample_steps"] uniform steps in t (fixed when the Imagen is built), classifier-
+    # free guidance as two U-Net forwards of the batch per step (cond, then null text),
+    # plain CFG (cfg_remove_parallel_component=False, like ours). SR stages start from
+    # random low-res images in [0, 1] (imagen-pytorch's image range), noised at
+    # lowres_sample_noise_level on its own (linear) schedule.
+    lowres_r = spec["lowres_resolution"]
+    lowres = torch.rand(b, 3, lowres_r, lowres_r, generator=gen).to(device) if lowres_r else None
 
     def step():
       with torch.no_grad(), autocast:
         return imagen.sample(text_embeds=text, text_masks=mask, cond_scale=spec["guidance"],
+                             cfg_remove_parallel_component=False,
+                             start_at_unet_number=unet_number, start_image_or_video=lowres,
                              stop_at_unet_number=unet_number, use_tqdm=False,
-                             return_pil_images=False,
-                             start_image_or_video=images if unet_number > 1 else None,
-                             start_at_unet_number=unet_number)
+                             return_pil_images=False)
+
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:  # one untimed call, counted
+      out = step()
+    if tuple(out.shape) != (b, 3, r, r):
+      raise RuntimeError(f"the peer sampled shape {tuple(out.shape)}, not {(b, 3, r, r)}")
+    result["sample_flops_per_image"] = counter.get_total_flops() / b
+    result["unet_evals_per_image"] = spec["sample_steps"] * (1 if spec["guidance"] == 1 else 2)
+    result["sampler"] = f"imagen-pytorch DDPM, {spec['sample_steps']} steps"
     item = b
   else:
     raise ValueError(f"mode must be train or sample, got {spec['mode']!r}")
