@@ -14,5 +14,35 @@ os.environ.setdefault(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# ---- End-to-end tests whose subprocesses run beside the others (tests/background.py). ----
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "background(job): the test asserts on what `job(directory)` returns; the "
+      "job runs in a background thread from the start of the session, and the test last "
+      "(mark with `pytest.mark.background.with_args(job)`).")
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only what will be asserted
+def pytest_collection_modifyitems(session, config, items):
+  import background  # tests/background.py
+
+  waiting = [item for item in items if item.get_closest_marker("background")]
+  if config.option.collectonly:
+    return
+  for item in waiting:
+    (job,) = item.get_closest_marker("background").args
+    background.start(job, config._tmp_path_factory.mktemp(job.__name__))
+  # The jobs' tests last, so that their jobs have the whole session to run in.
+  items[:] = [item for item in items if item not in waiting] + waiting
+
+
+def pytest_sessionfinish(session, exitstatus):
+  import background  # tests/background.py
+
+  background.stop()

@@ -77,8 +77,7 @@ def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
   """The peer maps our U-Net config onto imagen-pytorch's Unet and runs its training step
   (Adam, clipping, EMA) in a subprocess; here in this Python, for one timed step."""
   sys.path.insert(0, ROOT)
-  from bench import peer_env
-  from bench.train_step import peer_spec  # noqa: F401  (the flags module imports cleanly)
+  from bench import peer_env  # (not bench.train_step: its absl flags are process-global)
   config = load_sibling(os.path.join(ROOT, "configs", "x.py"), "bench_cpu").get_config()
   spec = stages_lib.stage_spec(config, "base")
   unet = spec.unet  # the issue's CPU target (16.8M params), at 16x16 to keep it short

@@ -1,33 +1,63 @@
-"""The train and sample entry points end to end, at tiny size, as a user runs them."""
+"""The train and sample entry points end to end, at tiny size, as a user runs them.
+
+The commands run in the background lane (tests/background.py) from the start of the
+session; the test asserts on their outputs at the end."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
+
+import background
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # The entry points run as on a laptop: one CPU device (compile time is what they spend).
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0")
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-def run(args, **kwargs):
-  env = ENV
-  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900, **kwargs)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+def run(args):
+  return background.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, timeout=900)
 
 
-def test_train_then_sample(tmp_path):
+def train_then_sample(tmp_path):
+  """Train the tiny cascade, run the command again (nothing left to train), sample it.
+  Returns (tmp_path, {command: CompletedProcess} of those that ran, up to a failure)."""
   workdir = str(tmp_path / "run")
   data_dir = str(tmp_path / "tfds")
-  train = run(["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
-               f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2"])
-  log = train.stderr
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle at the top\ntwo blue squares\n")
+  commands = {
+      "train": ["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+                f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2"],
+      "again": ["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+                f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2",
+                "--config.eval.after_training=False"],
+      "sample": ["imagen_jax.sample", f"--workdir={workdir}",
+                 "--prompt=a green triangle on the left", f"--prompts_file={prompts}",
+                 f"--output_dir={tmp_path / 'samples'}", "--num_per_prompt=2",
+                 "--guidance=base=2,sr=1", "--steps=sr=3", "--thresholding=base=dynamic"],
+  }
+  results = {}
+  for name, args in commands.items():
+    results[name] = run(args)
+    if results[name].returncode != 0:
+      break
+  return tmp_path, results
+
+
+@pytest.mark.background.with_args(train_then_sample)
+def test_train_then_sample():
+  tmp_path, results = background.result(train_then_sample)
+  workdir = os.path.join(tmp_path, "run")
+  for result in results.values():
+    assert result.returncode == 0, result.stderr[-4000:]
+  log = results["train"].stderr
   assert "[base] step 4/4" in log and "[sr] step 2/2" in log, log[-3000:]
   assert "img/s" in log and "ETA" in log
 
@@ -50,18 +80,10 @@ def test_train_then_sample(tmp_path):
   assert report["resolution"] == 32 and report["wall_time_s"] > 0
 
   # A second invocation resumes: nothing left to train, the checkpoints are reused.
-  again = run(["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
-               f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2",
-               "--config.eval.after_training=False"])
-  assert "already trained to step 4" in again.stderr
+  assert "already trained to step 4" in results["again"].stderr
 
   # Sampling from the workdir: per-stage settings, one PNG per image, a grid.
-  out = str(tmp_path / "samples")
-  prompts = tmp_path / "prompts.txt"
-  prompts.write_text("a red circle at the top\ntwo blue squares\n")
-  run(["imagen_jax.sample", f"--workdir={workdir}", "--prompt=a green triangle on the left",
-       f"--prompts_file={prompts}", f"--output_dir={out}", "--num_per_prompt=2",
-       "--guidance=base=2,sr=1", "--steps=sr=3", "--thresholding=base=dynamic"])
+  out = os.path.join(tmp_path, "samples")
   files = sorted(f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png")
   assert len(files) == 6
   image = np.asarray(Image.open(os.path.join(out, files[0])))

@@ -1,5 +1,6 @@
 """Preemption and faults: exact data resume, SIGTERM, SIGKILL, NaN/Inf, bad checkpoints,
-failing saves. Tiny base stage; subprocesses only for the kill test."""
+failing saves. The tiny base stage with a one-level U-Net (tests/small_configs.py: these
+are properties of the loop, not of the model); subprocesses only for the kill test."""
 import dataclasses
 import errno
 import logging
@@ -26,6 +27,9 @@ from imagen_jax.text import T5Encoder, init_params
 from imagen_jax.train import faults
 from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import train_stage
+
+import background
+from small_configs import minimal_base, minimal_base_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +111,7 @@ class Stage:
   """The tiny base stage and everything train_stage needs, with synthetic batches."""
 
   def __init__(self, **train):
-    config = tiny_config()
+    config = minimal_base(tiny_config())
     config.stages.base.train.update(dict(log_every=1, checkpoint_every=2, sample_every=0,
                                          keep_checkpoints=2), **train)
     self.mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -304,6 +308,8 @@ def test_failing_saves_keep_the_last_good_checkpoint(stage, clean_run, tmp_path,
 
 
 # ---- The command line: SIGKILL at random moments, then SIGTERM, then to the end. ----
+# Its subprocesses run in the background lane (tests/background.py) from the start of the
+# session; the test compares what they leave at the end.
 
 NUM_STEPS = 12
 
@@ -312,20 +318,25 @@ def _train_command(workdir, data_dir):
   train = "--config.stages.base.train."
   return [sys.executable, "-m", "imagen_jax.train", "--config=configs/shapes.py:tiny",
           f"--workdir={workdir}", "--stage=base", f"--config.data_dir={data_dir}",
+          *minimal_base_flags(),
           f"{train}num_steps={NUM_STEPS}", f"{train}checkpoint_every=3", f"{train}log_every=1",
           f"{train}sample_every=0", f"{train}log_example_keys=True"]
 
 
 # One CPU device, as a user runs it; the persistent compilation cache of conftest.py.
 ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _start(workdir, data_dir, stderr=subprocess.PIPE):
+  return background.popen(_train_command(workdir, data_dir), cwd=REPO, env=ENV,
+                          stderr=stderr, stdout=subprocess.DEVNULL, text=True)
 
 
 def _run_until(workdir, data_dir, kill_after=None, sig=signal.SIGKILL):
   """Runs training; sends `sig` once it has logged `kill_after` steps (counted from where it
   resumed, so that it never finishes first). Returns (returncode, log)."""
-  process = subprocess.Popen(_train_command(workdir, data_dir), cwd=REPO, env=ENV,
-                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  process = _start(workdir, data_dir)
   log, steps = [], 0
   try:
     for line in process.stderr:
@@ -351,27 +362,48 @@ def _trained_keys(workdir):
   return keys
 
 
-def test_killed_and_preempted_run_equals_uninterrupted(data_dir, tmp_path):
-  pipeline.register_task(tiny_config(data_dir), "shapes_16")  # generate the data once
+def kill_and_resume(tmp_path):
+  """An uninterrupted run, and beside it (its own workdir; most of a run's start is
+  single-threaded) a run SIGKILLed twice after 1-3 logged steps, SIGTERMed once, then run
+  to the end. Returns the two workdirs, where the kills landed and [(what, expected exit
+  code, exit code, log)] of each interrupted run."""
+  data_dir = str(tmp_path / "tfds")
+  tfds.disable_progress_bar()
+  pipeline.prepare_data(tiny_config(data_dir), "shapes_16")  # once, before both runs
   reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-  code, log = _run_until(reference, data_dir)
-  assert code == 0, log[-3000:]
-
   # Kill after 1-3 logged steps: with a checkpoint every 3 steps and asynchronous saves,
   # the kill lands before, during or after a save; the SIGTERM run then stops at its
   # first step boundary after the signal.
   rng = random.Random()
   kills = [rng.randint(1, 3), rng.randint(1, 3)]
   points = f"SIGKILL after {kills} logged steps, then SIGTERM"
-  for kill_after in kills:
-    code, log = _run_until(interrupted, data_dir, kill_after)
-    assert code == -signal.SIGKILL, f"{points}: {log[-3000:]}"
-  code, log = _run_until(interrupted, data_dir, 1, signal.SIGTERM)
-  assert code == faults.EXIT_PREEMPTED, f"{points}: {log[-3000:]}"
-  assert "SIGTERM received: stage base stopped at step" in log, log[-3000:]
-  code, log = _run_until(interrupted, data_dir)
-  assert code == 0, f"{points}: {log[-3000:]}"
-  assert "Restored" in log
+  runs = []
+  # The uninterrupted run's log goes to a file, which unlike a pipe never fills up.
+  with open(tmp_path / "reference.log", "w") as reference_log:
+    uninterrupted = _start(reference, data_dir, stderr=reference_log)
+  try:
+    for kill_after in kills:
+      runs.append(("SIGKILL", -signal.SIGKILL,
+                   *_run_until(interrupted, data_dir, kill_after)))
+    runs.append(("SIGTERM", faults.EXIT_PREEMPTED,
+                 *_run_until(interrupted, data_dir, 1, signal.SIGTERM)))
+    runs.append(("to the end", 0, *_run_until(interrupted, data_dir)))
+    runs.append(("uninterrupted", 0, uninterrupted.wait(timeout=600),
+                 (tmp_path / "reference.log").read_text()))
+  finally:
+    if uninterrupted.poll() is None:
+      uninterrupted.kill()
+  return reference, interrupted, points, runs
+
+
+@pytest.mark.background.with_args(kill_and_resume)
+def test_killed_and_preempted_run_equals_uninterrupted():
+  reference, interrupted, points, runs = background.result(kill_and_resume)
+  for what, expected, code, log in runs:
+    assert code == expected, f"{points}, {what}: {log[-3000:]}"
+  logs = {what: log for what, _, _, log in runs}
+  assert "SIGTERM received: stage base stopped at step" in logs["SIGTERM"], logs["SIGTERM"][-3000:]
+  assert "Restored" in logs["to the end"]
 
   # Bit for bit: params, Adam state, EMA, step, rng.
   for a, b in zip(restored_leaves(reference, NUM_STEPS), restored_leaves(interrupted, NUM_STEPS)):

@@ -1,10 +1,17 @@
-"""Several hosts on one machine: 2 and 4 local processes on CPU (4 and 2 simulated devices
-each, 8 in all) train the tiny base stage through `python -m imagen_jax.train
---coordinator_address=...`, and must match one process with the same global 2 x 4 mesh
-(this pytest process, 8 devices): the same examples at every step, each host reading only
-its share; the same losses and final train state; one TensorBoard writer and one sample
-grid writer (host 0); checkpoints written by all hosts. A SIGTERM to one host stops every
-host at the same step, and the resumed run still matches.
+"""Several hosts on one machine: 4 and then 2 local processes on CPU (2 and 4 simulated
+devices each, 8 in all) train the tiny base stage (with the one-level U-Net of
+tests/small_configs.py) through `python -m imagen_jax.train --coordinator_address=...`,
+and must match one process with the same global 2 x 4 mesh (the same command with 8
+simulated devices): the same examples at every step, each host reading only its share; the same
+losses and train state; one TensorBoard writer and one sample grid writer (host 0);
+checkpoints written by all hosts. A SIGTERM to one of the 4 hosts stops every host at the
+same step, and 2 hosts resume that checkpoint and still match.
+
+One run of 4 hosts that is preempted and resumed on 2 covers both layouts: each process
+start costs seconds of imports and compilation on 2 cores (hosts other than 0 never find
+their programs in JAX's persistent compilation cache, which only process 0 writes). The
+processes run in the background lane (tests/background.py) from the start of the session;
+the test compares what they leave at the end.
 
 Tolerance: not bit for bit. The hosts' gradient all-reduce runs over gloo, which sums in
 another order than XLA's in-process all-reduce, so values differ in the last bits: losses
@@ -29,38 +36,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import shapes as shapes_config
-from imagen_jax.data import pipeline, tasks
+from imagen_jax.data import pipeline
 from imagen_jax.train import faults
-from imagen_jax.train.cascade import train_cascade
+
+import background
+from small_configs import minimal_base_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 4
+NUM_STEPS = 5
 MESH = {"data": 2, "fsdp": -1, "tensor": 1}  # 2 x 4 over the 8 devices of every layout
 TRAIN = {"num_steps": NUM_STEPS, "log_every": 1, "checkpoint_every": NUM_STEPS,
          "sample_every": 0, "log_example_keys": True}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  tfds.disable_progress_bar()
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  config = shapes_config.get_config("tiny")
-  config.data_dir = directory
-  pipeline.register_task(config, "shapes_16")  # generated once, read by every process
-  yield directory
-  tasks.register_shapes_task(16)  # give the standard task back its default data_dir
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-  """One process, the same global mesh: this pytest process and its 8 devices."""
-  workdir = str(tmp_path_factory.mktemp("one_process"))
-  config = shapes_config.get_config("tiny")
-  config.data_dir = data_dir
-  config.mesh.update(MESH)
-  config.stages.base.train.update(TRAIN)
-  assert train_cascade(config, workdir, "base") == {"base": NUM_STEPS}
-  return workdir
+# The one-process run keeps the state of every step, to compare the preempted run's with.
+REFERENCE_TRAIN = dict(TRAIN, checkpoint_every=1, keep_checkpoints=NUM_STEPS)
 
 
 def _free_port():
@@ -69,26 +57,34 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _command(workdir, data_dir, train, extra=()):
+  flags = "--config.stages.base.train."
+  return [sys.executable, "-m", "imagen_jax.train", "--config=configs/shapes.py:tiny",
+          f"--workdir={workdir}", "--stage=base", f"--config.data_dir={data_dir}",
+          *minimal_base_flags(), *(f"--config.mesh.{k}={v}" for k, v in MESH.items()),
+          *(f"{flags}{k}={v}" for k, v in train.items()), *extra]
+
+
+def _env(local_devices):
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "
+                        "--xla_backend_optimization_level=0",
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 def _launch(num_hosts, workdir, data_dir, extra=()):
   """Starts the hosts of one run; host 0's stderr is a pipe, the others' go to files."""
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_hosts} "
-                       "--xla_backend_optimization_level=0",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  train = "--config.stages.base.train."
-  command = [sys.executable, "-m", "imagen_jax.train", "--config=configs/shapes.py:tiny",
-             f"--workdir={workdir}", "--stage=base", f"--config.data_dir={data_dir}",
-             *(f"--config.mesh.{k}={v}" for k, v in MESH.items()),
-             *(f"{train}{k}={v}" for k, v in TRAIN.items()), *extra,
+  command = [*_command(workdir, data_dir, TRAIN, extra),
              f"--coordinator_address=localhost:{port}", f"--num_processes={num_hosts}"]
   hosts, logs = [], []
   for i in range(num_hosts):
-    log = f"{workdir}.host{i}.log"
+    log = f"{workdir}.{num_hosts}_hosts.host{i}.log"
     logs.append(log)
     stderr = subprocess.PIPE if i == 0 else open(log, "w")
-    hosts.append(subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=stderr, text=True))
+    hosts.append(background.popen(command + [f"--process_id={i}"], cwd=REPO,
+                                  env=_env(8 // num_hosts), stdout=subprocess.DEVNULL,
+                                  stderr=stderr, text=True))
   return hosts, logs
 
 
@@ -146,72 +142,95 @@ def _keys(workdir, host):
   return keys
 
 
-def _assert_matches_reference(workdir, reference, num_hosts):
-  # Each host read its own quarter / half of every global batch, in host order.
-  one = _keys(reference, 0)
-  assert sorted(one) == list(range(NUM_STEPS)) and all(len(k) == 8 for k in one.values())
-  per_host = [_keys(workdir, h) for h in range(num_hosts)]
-  for step, names in one.items():
-    assert sum((keys[step] for keys in per_host), []) == names, step
-  # The same losses at every step.
-  want, got = _losses(reference), _losses(workdir)
-  assert sorted(want) == sorted(got) == list(range(1, NUM_STEPS + 1))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-5)
-  # The same final train state: params, EMA, Adam moments, step, rng.
-  want, got = _state(reference, NUM_STEPS), _state(workdir, NUM_STEPS)
+def _assert_states_match(workdir, reference, step):
+  """The saved train state of `step` (params, EMA, Adam moments, step, rng) is the
+  one-process run's."""
+  want, got = _state(reference, step), _state(workdir, step)
   assert sorted(want) == sorted(got)
   for path, a in want.items():
     b = got[path]
     assert a.shape == b.shape and a.dtype == b.dtype, path
     if a.dtype.kind == "f":
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=path)
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"step {step}: {path}")
     else:
-      np.testing.assert_array_equal(b, a, err_msg=path)
-  # Host 0 alone writes TensorBoard events: one file per run.
-  events = glob.glob(os.path.join(workdir, "base", "tensorboard", "events.*"))
-  return events
+      np.testing.assert_array_equal(b, a, err_msg=f"step {step}: {path}")
 
 
-def test_four_hosts_equal_one_process(data_dir, reference, tmp_path):
-  workdir = str(tmp_path / "four_hosts")
-  codes, logs = _run(4, workdir, data_dir)
-  assert codes == [0, 0, 0, 0], "\n".join(log[-3000:] for log in logs)
+def _launch_log(logs):
+  return "\n".join(log[-3000:] for log in logs)
+
+
+def four_hosts_then_two(tmp_path):
+  """One process (the reference), then 4 hosts, host 2 of which gets SIGTERM after the first
+  step, then 2 hosts that resume the 4 hosts' checkpoint and train to the end with a sample
+  grid. Returns the workdirs, the runs' ([exit codes], [logs]) and what the preempted
+  run's checkpoint directory held before the resume."""
+  data_dir = str(tmp_path / "tfds")
+  config = shapes_config.get_config("tiny")
+  config.data_dir = data_dir
+  tfds.disable_progress_bar()
+  pipeline.prepare_data(config, "shapes_16")  # generated once, read by every process
+  reference, workdir = str(tmp_path / "one_process"), str(tmp_path / "hosts")
+  one = background.run(_command(reference, data_dir, REFERENCE_TRAIN), cwd=REPO, env=_env(8),
+                       timeout=600)
+
+  def sigterm_host2(line, hosts):
+    if f"step 1/{NUM_STEPS}  loss" in line:
+      hosts[2].send_signal(signal.SIGTERM)
+
+  four = _run(4, workdir, data_dir, on_host0_line=sigterm_host2)
+  checkpoints = os.path.join(workdir, "base", "checkpoints")
+  saved = {step: sorted(os.listdir(os.path.join(checkpoints, step, "default")))
+           for step in os.listdir(checkpoints)} if os.path.isdir(checkpoints) else {}
+  two = _run(2, workdir, data_dir, extra=[f"--config.stages.base.train.sample_every={NUM_STEPS}"])
+  return reference, workdir, one, four, saved, two
+
+
+@pytest.mark.background.with_args(four_hosts_then_two)
+def test_four_hosts_preempted_then_two_hosts_resume_equal_one_process():
+  """4 hosts train; host 2 alone gets SIGTERM after the first step; all 4 stop at the same
+  step (the boundary after they shared it), save it together and exit 75. 2 hosts then
+  resume that checkpoint, train to the end with a sample grid, and every step's examples
+  and loss, and the train state at the stop and at the end, are the one-process run's."""
+  reference, workdir, one, (codes, logs), saved, two = background.result(four_hosts_then_two)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert f"Trained {{'base': {NUM_STEPS}}}" in one.stderr, one.stderr[-3000:]
+
+  assert codes == [faults.EXIT_PREEMPTED] * 4, _launch_log(logs)
   assert "Mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 devices (4 hosts)" in logs[0]
-  assert f"Trained {{'base': {NUM_STEPS}}}" in logs[0]
-  assert not any("Trained" in log for log in logs[1:])  # the other hosts only warn
-  events = _assert_matches_reference(workdir, reference, 4)
-  assert len(events) == 1
-  # Every host wrote its part of the checkpoint.
-  saved = os.path.join(workdir, "base", "checkpoints", str(NUM_STEPS), "default")
-  assert sorted(glob.glob(os.path.join(saved, "ocdbt.process_*"))) == [
-      os.path.join(saved, f"ocdbt.process_{i}") for i in range(4)]
-
-
-def test_sigterm_to_one_host_stops_all_at_one_step(data_dir, reference, tmp_path):
-  """Host 1 alone gets SIGTERM, around the first step; both hosts stop at the same step
-  (the boundary after they shared it), save it together and exit 75; the rerun resumes
-  there and ends equal to the uninterrupted single-process run."""
-  workdir = str(tmp_path / "two_hosts")
-
-  def sigterm_host1(line, hosts):
-    if "train step compiled" in line:  # both hosts are past the stage's start
-      hosts[1].send_signal(signal.SIGTERM)
-
-  codes, logs = _run(2, workdir, data_dir, on_host0_line=sigterm_host1)
-  assert codes == [faults.EXIT_PREEMPTED] * 2, "\n".join(log[-3000:] for log in logs)
   stops = [re.findall(r"SIGTERM received: stage base stopped at step (\d+), its checkpoint "
                       r"saved", log) for log in logs]
-  assert stops[0] == stops[1] and len(stops[0]) == 1, "\n".join(log[-3000:] for log in logs)
+  assert all(s == stops[0] for s in stops) and len(stops[0]) == 1, _launch_log(logs)
   stop = int(stops[0][0])
-  assert 1 <= stop < NUM_STEPS  # one or two steps after the signal (README: measured)
-  assert sorted(os.listdir(os.path.join(workdir, "base", "checkpoints"))) == [str(stop)]
+  # The signal came after step 1; the hosts agree on it one or two boundaries later.
+  assert 2 <= stop < NUM_STEPS, stop
+  assert list(saved) == [str(stop)], saved
+  # Every host wrote its part of the checkpoint, and it is the one-process state.
+  assert [f for f in saved[str(stop)] if f.startswith("ocdbt.process_")] == [
+      f"ocdbt.process_{i}" for i in range(4)]
+  _assert_states_match(workdir, reference, stop)
 
-  # Resumed, with a sample grid at the end: every host samples, host 0 writes the grid.
-  codes, logs = _run(2, workdir, data_dir,
-                     extra=[f"--config.stages.base.train.sample_every={NUM_STEPS}"])
-  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  # 2 hosts resumed it, with a sample grid at the end: every host samples, host 0 writes it.
+  codes, logs = two
+  assert codes == [0, 0], _launch_log(logs)
+  assert "Mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 devices (2 hosts)" in logs[0]
   assert f"at step {stop}." in logs[0] and "Restored" in logs[0]
-  events = _assert_matches_reference(workdir, reference, 2)
-  assert len(events) == 2  # host 0 of each of the two runs
+  assert f"Trained {{'base': {NUM_STEPS}}}" in logs[0]
+  assert not any("Trained" in log for log in logs[1:])  # the other host only warns
   assert os.listdir(os.path.join(workdir, "base", "samples")) == [f"step_{NUM_STEPS:07d}.png"]
+
+  # Each host read its own quarter (4 hosts) / half (2 hosts) of every global batch, in
+  # host order.
+  one = _keys(reference, 0)
+  assert sorted(one) == list(range(NUM_STEPS)) and all(len(k) == 8 for k in one.values())
+  for step, names in one.items():
+    num_hosts = 4 if step < stop else 2
+    assert sum((_keys(workdir, h)[step] for h in range(num_hosts)), []) == names, step
+  # The same losses at every step, from the TensorBoard events of host 0 of each run.
+  events = glob.glob(os.path.join(workdir, "base", "tensorboard", "events.*"))
+  assert len(events) == 2, events
+  want, got = _losses(reference), _losses(workdir)
+  assert sorted(want) == sorted(got) == list(range(1, NUM_STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  _assert_states_match(workdir, reference, NUM_STEPS)

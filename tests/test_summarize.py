@@ -4,7 +4,6 @@ the table / JSON output and the CLI."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -19,6 +18,8 @@ from imagen_jax.models import UNet, UNetConfig, dummy_inputs, layers
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.state import abstract_train_state, make_optimizer
+
+import background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,13 +144,21 @@ def test_summary_of_a_pod_mesh_that_is_not_present():
     summarize.parse_mesh("data")
 
 
-def test_cli_json():
+def summarize_cli_json(tmp_path):
+  """The CLI's JSON summary of a tiny config on 64 devices (run in the background lane,
+  tests/background.py, beside the in-process tests)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
+  return background.run(
       [sys.executable, "-m", "imagen_jax.summarize",
        f"--config={os.path.join(ROOT, 'configs', 'imagen_base64.py')}:tiny",
        "--num_devices=64", "--mesh=data=-1,fsdp=4", "--json"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+      cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.background.with_args(summarize_cli_json)
+def test_cli_json():
+  out = background.result(summarize_cli_json)
+  assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout)
   assert summary["mesh"] == {"data": 16, "fsdp": 4, "tensor": 1}
   (row,) = summary["stages"]

@@ -112,11 +112,31 @@ def test_stages_must_chain():
 
 # ---- Sharded training equals single-device training. ----
 
+MESH_4X2 = {"data": 4, "fsdp": 2, "tensor": 1}
+MESH_1 = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+@pytest.fixture(scope="module")
+def runners():
+  """runners(stage, mesh_shape): one StageRunner per stage and mesh for the whole module.
+  Building one traces, compiles and initialises its train state (~10 s on 2 CPU cores);
+  runs never change it (`run` takes and returns states)."""
+  built = {}
+
+  def get(stage, mesh_shape):
+    key = (stage, tuple(mesh_shape.items()))
+    if key not in built:
+      devices = jax.devices() if mesh_shape == MESH_4X2 else jax.devices()[:1]
+      built[key] = StageRunner(tiny_config(), stage, mesh_shape, devices)
+    return built[key]
+
+  return get
+
+
 @pytest.mark.parametrize("stage", ["base", "sr"])
-def test_steps_on_4x2_mesh_equal_one_device(stage):
-  config = tiny_config()
-  sharded = StageRunner(config, stage, {"data": 4, "fsdp": 2, "tensor": 1}, jax.devices())
-  single = StageRunner(config, stage, {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+def test_steps_on_4x2_mesh_equal_one_device(stage, runners):
+  sharded = runners(stage, MESH_4X2)
+  single = runners(stage, MESH_1)
   # The batch really is split over 8 devices, and the params over fsdp where rules say so.
   assert len(jax.tree.leaves(sharded.state.params)[0].devices()) == 8
   specs = [x.sharding.spec for x in jax.tree.leaves(sharded.state.params)]
@@ -141,9 +161,8 @@ def test_steps_on_4x2_mesh_equal_one_device(stage):
 
 # ---- Save -> restore -> the next step is identical. ----
 
-def test_checkpoint_round_trip_next_step_identical(tmp_path):
-  config = tiny_config()
-  runner = StageRunner(config, "sr", {"data": 4, "fsdp": 2, "tensor": 1}, jax.devices())
+def test_checkpoint_round_trip_next_step_identical(tmp_path, runners):
+  runner = runners("sr", MESH_4X2)
   state, _ = runner.run(runner.state, [1])
   manager = ckpt.stage_manager(str(tmp_path), "sr")
   manager.save(1, args=ocp.args.StandardSave(state))

@@ -257,7 +257,7 @@ def test_input_to_output_skip_is_a_direct_path_from_the_input():
   cfg = dataclasses.replace(TINY, input_to_output_skip=True)
   model = UNet(cfg)
   x, t, cond = _inputs(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), x, t, cond)["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x, t, cond)["params"])
   kernel = params["out_conv"]["kernel"]
   width, folded_input = cfg.base_channels, 3 * cfg.space_to_depth ** 2
   assert kernel.shape[-2] == width + folded_input
@@ -265,7 +265,7 @@ def test_input_to_output_skip_is_a_direct_path_from_the_input():
   only_skip[..., width:, :] = np.random.default_rng(0).standard_normal(
       only_skip[..., width:, :].shape)
   params = dict(params, out_conv=dict(params["out_conv"], kernel=jnp.asarray(only_skip)))
-  apply = lambda x, t: model.apply({"params": params}, x, t, cond)
+  apply = jax.jit(lambda x, t: model.apply({"params": params}, x, t, cond))
   out = apply(x, t)
   assert np.abs(out).max() > 1e-2
   np.testing.assert_allclose(apply(2 * x, t), 2 * out, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,86 @@
+"""Jobs that run beside the in-process tests: the subprocesses of the end-to-end tests.
+
+An in-process test keeps about one of this machine's 2 cores busy (tracing and XLA
+compilation are single-threaded; measured: 1.1 cores on average), while the end-to-end
+tests (the train / sample command line, kill-and-resume, several hosts) spend minutes in
+subprocesses of `python -m imagen_jax.train`. So those subprocesses run in one background
+thread, one job after another, from the start of the session (tests/conftest.py starts
+the jobs of the selected tests and runs those tests last). A test marked
+`@pytest.mark.background.with_args(job)` (a bare `mark(function)` would mark the job
+itself) calls `result(job)`: it waits for its job and then asserts
+on what the job returns, as it would on subprocesses it had run itself; an exception in
+the job (e.g. an assertion on a run's exit code) is raised in the test.
+
+A job gets a fresh directory and must not touch state shared with the in-process tests
+(seqio's task registry, jax's global config): it runs subprocesses and reads files.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import subprocess
+import threading
+
+_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background_tests")
+_jobs: dict = {}                      # job function -> Future of its result
+_processes: set = set()               # live subprocesses, killed if the session ends early
+_lock = threading.Lock()
+_stopping = False
+# The jobs have slack (they finish before the in-process tests do), the in-process tests
+# are the critical path: the jobs' processes yield the CPU to them. (`nice` execs the
+# command: the process, its pid and its signals are the command's.)
+_NICE = [shutil.which("nice"), "-n", "5"] if shutil.which("nice") else []
+
+
+def start(job, directory) -> None:
+  """Queues `job(directory)` in the lane (once per job)."""
+  with _lock:
+    if job not in _jobs:
+      _jobs[job] = _lane.submit(job, directory)
+
+
+def result(job, timeout: float = 1800):
+  """Waits for `job` (started by conftest.py) and returns its result, or raises its error."""
+  with _lock:
+    future = _jobs.get(job)
+  if future is None:
+    raise RuntimeError(f"{job.__name__} was not started: mark its test "
+                       f"@pytest.mark.background.with_args({job.__name__}).")
+  return future.result(timeout=timeout)
+
+
+def popen(args, **kwargs) -> subprocess.Popen:
+  """subprocess.Popen of `args` (a list) at a lower CPU priority, remembered so that `stop`
+  can kill it."""
+  with _lock:
+    if _stopping:
+      raise RuntimeError("the test session has ended")
+    process = subprocess.Popen(_NICE + list(args), **kwargs)
+    _processes.add(process)
+  return process
+
+
+def run(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+  """subprocess.run (text mode, output captured) through `popen`."""
+  process = popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def stop() -> None:
+  """End of the session: kills what is still running (an interrupted session), starts
+  nothing new and cancels jobs that have not started."""
+  global _stopping
+  with _lock:
+    _stopping = True
+    for future in _jobs.values():
+      future.cancel()
+    processes = list(_processes)
+  for process in processes:
+    if process.poll() is None:
+      process.kill()
+  _lane.shutdown(wait=True)
