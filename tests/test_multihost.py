@@ -2,9 +2,9 @@
 devices each, 8 in all) train the tiny base stage (with the one-level U-Net of
 tests/small_configs.py) through `python -m imagen_jax.train --coordinator_address=...`,
 and must match one process with the same global 2 x 4 mesh (the same command with 8
-simulated devices): the same examples at every step, each host reading only its share; the same
-losses and train state; one TensorBoard writer and one sample grid writer (host 0);
-checkpoints written by all hosts. A SIGTERM to one of the 4 hosts stops every host at the
+simulated devices): the same examples at every step, each host reading only its share;
+the same losses and train state; one TensorBoard writer and one sample grid writer (host
+0); checkpoints written by all hosts. A SIGTERM to one of the 4 hosts stops every host at the
 same step, and 2 hosts resume that checkpoint and still match.
 
 One run of 4 hosts that is preempted and resumed on 2 covers both layouts: each process
@@ -180,8 +180,10 @@ def four_hosts_then_two(tmp_path):
 
   four = _run(4, workdir, data_dir, on_host0_line=sigterm_host2)
   checkpoints = os.path.join(workdir, "base", "checkpoints")
-  saved = {step: sorted(os.listdir(os.path.join(checkpoints, step, "default")))
-           for step in os.listdir(checkpoints)} if os.path.isdir(checkpoints) else {}
+  saved = {}  # {entry of checkpoints/: the files of its `default` item, if any}
+  for entry in os.listdir(checkpoints) if os.path.isdir(checkpoints) else ():
+    item = os.path.join(checkpoints, entry, "default")
+    saved[entry] = sorted(os.listdir(item)) if os.path.isdir(item) else None
   two = _run(2, workdir, data_dir, extra=[f"--config.stages.base.train.sample_every={NUM_STEPS}"])
   return reference, workdir, one, four, saved, two
 
