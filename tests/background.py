@@ -7,9 +7,11 @@ subprocesses of `python -m imagen_jax.train`. So those subprocesses run in one b
 thread, one job after another, from the start of the session (tests/conftest.py starts
 the jobs of the selected tests and runs those tests last). A test marked
 `@pytest.mark.background.with_args(job)` (a bare `mark(function)` would mark the job
-itself) calls `result(job)`: it waits for its job and then asserts
-on what the job returns, as it would on subprocesses it had run itself; an exception in
-the job (e.g. an assertion on a run's exit code) is raised in the test.
+itself) calls `result(job)`: it waits for its job, then asserts on what the job returns
+as it would on subprocesses it had run itself; an exception in the job is raised in the
+test. Such a test's duration is its wait for the lane, not its cost: the lane's jobs
+take about 5 minutes of the session (2 cores, warm compilation cache), most of it the
+multi-host job.
 
 A job gets a fresh directory and must not touch state shared with the in-process tests
 (seqio's task registry, jax's global config): it runs subprocesses and reads files.
@@ -17,7 +19,6 @@ A job gets a fresh directory and must not touch state shared with the in-process
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 import subprocess
 import threading
 
@@ -26,10 +27,6 @@ _jobs: dict = {}                      # job function -> Future of its result
 _processes: set = set()               # live subprocesses, killed if the session ends early
 _lock = threading.Lock()
 _stopping = False
-# The jobs have slack (they finish before the in-process tests do), the in-process tests
-# are the critical path: the jobs' processes yield the CPU to them. (`nice` execs the
-# command: the process, its pid and its signals are the command's.)
-_NICE = [shutil.which("nice"), "-n", "5"] if shutil.which("nice") else []
 
 
 def start(job, directory) -> None:
@@ -50,12 +47,11 @@ def result(job, timeout: float = 1800):
 
 
 def popen(args, **kwargs) -> subprocess.Popen:
-  """subprocess.Popen of `args` (a list) at a lower CPU priority, remembered so that `stop`
-  can kill it."""
+  """subprocess.Popen, remembered so that `stop` can kill it."""
   with _lock:
     if _stopping:
       raise RuntimeError("the test session has ended")
-    process = subprocess.Popen(_NICE + list(args), **kwargs)
+    process = subprocess.Popen(args, **kwargs)
     _processes.add(process)
   return process
 

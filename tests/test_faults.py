@@ -1,6 +1,7 @@
 """Preemption and faults: exact data resume, SIGTERM, SIGKILL, NaN/Inf, bad checkpoints,
 failing saves. The tiny base stage with a one-level U-Net (tests/small_configs.py: these
 are properties of the loop, not of the model); subprocesses only for the kill test."""
+import concurrent.futures
 import dataclasses
 import errno
 import logging
@@ -26,7 +27,7 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import T5Encoder, init_params
 from imagen_jax.train import faults
 from imagen_jax.train import stages as stages_lib
-from imagen_jax.train.loop import train_stage
+from imagen_jax.train.loop import prepare_stage, train_stage
 
 import background
 from small_configs import minimal_base, minimal_base_flags
@@ -107,10 +108,22 @@ def test_hosts_read_their_slice_of_each_global_batch():
 
 # ---- The loop, in process, on one device with batches that depend on the step only. ----
 
-class Stage:
-  """The tiny base stage and everything train_stage needs, with synthetic batches."""
+# The loop tests' stages differ only in checkpointing and fault settings, not in model,
+# optimizer or batch shapes: their compiled train step and initial state are built once
+# (loop.prepare_stage: what train_stage takes for a stage prepared in the background,
+# tests/test_prepare_stage.py) and shared, saving each run ~4 s of tracing and compiling.
+# {(model, diffusion, optimizer, batch shape): PreparedStage}
+_PREPARED = {}
 
-  def __init__(self, **train):
+
+class Stage:
+  """The tiny base stage and everything train_stage needs, with synthetic batches.
+
+  reuse_compiled: train with the module's shared compiled step and (a copy of) its initial
+  state; otherwise each run builds its own, as `python -m imagen_jax.train` does."""
+
+  def __init__(self, reuse_compiled=False, **train):
+    self.reuse_compiled = reuse_compiled
     config = minimal_base(tiny_config())
     config.stages.base.train.update(dict(log_every=1, checkpoint_every=2, sample_every=0,
                                          keep_checkpoints=2), **train)
@@ -146,7 +159,23 @@ class Stage:
         spec, workdir=str(workdir), mesh=self.mesh, rules=self.rules, text_encoder=self.encoder,
         text_params=self.text_params if text_params is None else text_params,
         make_batches=lambda start: self.batches(start, on_step), sample_batch=sample, seed=0,
-        max_length=self.max_length)
+        max_length=self.max_length, prepared=self._prepared() if self.reuse_compiled else None)
+
+  def _prepared(self):
+    """A (done) Future of the shared PreparedStage, with a fresh copy of its initial state
+    (the compiled step donates the state it is given)."""
+    spec = self.spec
+    key = repr((spec.unet, spec.diffusion, spec.optimizer, spec.train.batch_size,
+                spec.resolution))
+    if key not in _PREPARED:
+      _PREPARED[key] = prepare_stage(spec, mesh=self.mesh, rules=self.rules,
+                                     text_encoder=self.encoder, text_params=self.text_params,
+                                     seed=0, max_length=self.max_length)
+    prepared = _PREPARED[key]
+    future = concurrent.futures.Future()
+    future.set_result(dataclasses.replace(
+        prepared, initial_state=jax.tree.map(lambda x: x.copy(), prepared.initial_state)))
+    return future
 
   def nan_text_params(self):
     return jax.tree.map(lambda x: x * jnp.nan, self.text_params)
@@ -154,14 +183,14 @@ class Stage:
 
 @pytest.fixture(scope="module")
 def stage():
-  return Stage()
+  return Stage(reuse_compiled=True)
 
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
   """An uninterrupted 6-step run that keeps every checkpoint: (final state, workdir)."""
   workdir = tmp_path_factory.mktemp("clean")
-  return Stage(keep_checkpoints=3).train(workdir, 6), workdir
+  return Stage(reuse_compiled=True, keep_checkpoints=3).train(workdir, 6), workdir
 
 
 def assert_states_equal(a, b):
@@ -203,7 +232,7 @@ def test_nonfinite_updates_are_skipped_and_counted(stage, tmp_path):
 
 
 def test_stops_after_k_consecutive_nonfinite_steps(stage, tmp_path, caplog):
-  limited = Stage(max_consecutive_nonfinite=3)
+  limited = Stage(reuse_compiled=True, max_consecutive_nonfinite=3)
   with pytest.raises(faults.NonfiniteError,
                      match=r"steps 1\.\.3 all had a non-finite loss.*"
                            r"max_consecutive_nonfinite=3.*train state is that of step 0"):
@@ -292,7 +321,7 @@ def _fail_saves(monkeypatch, steps, when):
 @pytest.mark.parametrize("when", ["start", "commit"])
 def test_failing_saves_keep_the_last_good_checkpoint(stage, clean_run, tmp_path, monkeypatch,
                                                       caplog, when):
-  one = Stage(keep_checkpoints=1)  # the most a failing save could destroy
+  one = Stage(reuse_compiled=True, keep_checkpoints=1)  # the most a failing save could destroy
   _fail_saves(monkeypatch, {4, 6}, when)
   with caplog.at_level(logging.ERROR):
     state = one.train(tmp_path, 6)
