@@ -23,6 +23,7 @@ form; none in the closed-form comparisons).
 """
 import functools
 import importlib
+import logging
 import os
 
 import jax
@@ -377,11 +378,13 @@ def workdir(tmp_path_factory):
 def _cli_main(args):
   """Runs `python -m imagen_jax.sample` in this process (sharing its compilations)."""
   cli = importlib.import_module("imagen_jax.sample.__main__")
+  absl_level = logging.getLogger("absl").level
   try:
     cli.FLAGS(["sample"] + args)
     cli.main([])
   finally:
-    cli.FLAGS.unparse_flags()
+    cli.FLAGS.unparse_flags()  # this resets absl's --verbosity, which sets its logger's level
+    logging.getLogger("absl").setLevel(absl_level)
 
 
 def test_cascade_upscale_and_inpaint(workdir, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 compiled step built while the stage before it trains) trains exactly as one built in place."""
 import concurrent.futures
 import dataclasses
+import logging
 
 import numpy as np
 from test_faults import Stage, assert_states_equal
@@ -21,7 +22,8 @@ def test_prepared_stage_trains_bit_for_bit_like_one_built_in_place(tmp_path, cap
                          max_length=stage.max_length)
     started = []
     sample = dict(stage.batch(0), caption=np.asarray([b"x"] * spec.train.batch_size))
-    with caplog.at_level("INFO"):
+    # Name absl's logger: an earlier test that parsed absl flags may have left it at WARNING.
+    with caplog.at_level(logging.INFO, logger="absl"):
       prepared = train_stage(
           spec, workdir=str(tmp_path / "prepared"), mesh=stage.mesh, rules=stage.rules,
           text_encoder=stage.encoder, text_params=stage.text_params,
