@@ -155,6 +155,8 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.batch:
     config.stages[FLAGS.stage].train.batch_size = FLAGS.batch
+  from imagen_jax.parallel import cpu_devices
+  cpu_devices.apply(config)  # as `python -m imagen_jax.train` does, before devices exist
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   specs = {s.name: s for s in stages_lib.validate(config, mesh)}
   if FLAGS.stage not in specs:

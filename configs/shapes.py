@@ -82,6 +82,9 @@ def get_config(arg=None):
       max_length=16, dtype="float32"))
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # On a CPU: one JAX device per core, the batch sharded over them (parallel/cpu_devices.py:
+  # 87 instead of 69 img/s for the base on 2 cores). 0 keeps JAX's single CPU device.
+  c.cpu_devices = -1
   c.axis_rules = [list(rule) for rule in axes.DEFAULT_RULES]
 
   small_unet = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,

@@ -96,7 +96,13 @@ def peak_for(device: jax.Device, dtype: str, override: float = 0.0,
   rate = measured_matmul_tflops("float32" if dtype == "float32" else "bfloat16")
   if log is not None:
     log(f"no peak for {device.device_kind!r}: using the measured 1024^3 matmul rate")
-  return rate, f"measured {dtype} 1024^3 matmul on this {device.platform} (not a datasheet peak)"
+  source = f"measured {dtype} 1024^3 matmul on this {device.platform} (not a datasheet peak)"
+  shared = len(jax.local_devices(backend=device.platform))
+  if device.platform == "cpu" and shared > 1:
+    # Simulated CPU devices share the host's cores (and the matmul used all of them).
+    rate /= shared
+    source += f", divided among its {shared} CPU devices"
+  return rate, source
 
 
 def peak_memory(device: Optional[jax.Device] = None) -> tuple[Optional[int], str]:

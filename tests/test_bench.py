@@ -44,6 +44,13 @@ def test_unknown_devices_have_no_peak_and_mfu_is_plain_arithmetic():
   assert nbytes > 0 and what
 
 
+def test_a_cpu_peak_is_shared_by_its_simulated_devices(monkeypatch):
+  monkeypatch.setattr(perf, "measured_matmul_tflops", lambda dtype: 0.8)
+  peak, source = perf.peak_for(jax.devices("cpu")[0], "float32")
+  assert peak == pytest.approx(0.8 / 8)  # this process simulates 8 CPU devices
+  assert "measured" in source and "divided among its 8 CPU devices" in source
+
+
 def test_padded_keys_leave_attention_unchanged():
   """cuDNN's flash attention takes keys in multiples of 64; the padding must be masked out
   exactly (checked on the einsum and XLA paths, which run here)."""

@@ -78,7 +78,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   t0 = time.time()
-  multihost = _start_distributed()  # before anything touches a device
+  from imagen_jax.parallel import cpu_devices  # pylint: disable=import-outside-toplevel
+  cpu_devices.apply(FLAGS.config)  # before anything touches a device
+  multihost = _start_distributed()
   from imagen_jax.train import faults  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
