@@ -361,7 +361,11 @@ def workdir(tmp_path_factory):
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   t5 = stages.t5_config(config)
-  ckpt.save_text_encoder(path, _random_params(t5_lib.param_shapes(t5), 0), t5)
+  # Replicated over all devices, as training saves it (the sampler must move it to its own).
+  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
+                                          jax.sharding.PartitionSpec())
+  ckpt.save_text_encoder(path, jax.device_put(_random_params(t5_lib.param_shapes(t5), 0),
+                                              everywhere), t5)
   mesh = mesh_lib.make_mesh({axis: 1 for axis in config.mesh}, jax.devices()[:1])
   rules = mesh_lib.rules_from_config(config.axis_rules)
   for i, name in enumerate(config.stage_order):

@@ -63,7 +63,10 @@ class Cascade:
     # Sampling runs on one device: the config's mesh axes, each of size 1.
     mesh = mesh_lib.make_mesh({axis: 1 for axis in config.mesh}, jax.devices()[:1])
     rules = mesh_lib.rules_from_config(config.axis_rules)
-    text_params, t5 = ckpt.load_text_encoder(workdir, T5Config)
+    # Onto the sampling device too: restored without a target, the params would land on
+    # the devices that saved them (all of the training mesh), which jit refuses to mix.
+    text_params, t5 = ckpt.load_text_encoder(
+        workdir, T5Config, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     stage_params, steps = {}, {}
     for spec in specs:
       unet = UNet(spec.unet)
