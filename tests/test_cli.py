@@ -16,7 +16,8 @@ import background
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# The entry points run as on a laptop: one CPU device (compile time is what they spend).
+# The entry points run as on a laptop: one CPU device per core (config.cpu_devices), so the
+# trained cascade is evaluated and sampled on one device after training on several.
 ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
