@@ -192,7 +192,10 @@ def main(argv):
       peer = peer_env.run_peer(python, peer_spec(config, spec, batch_size, device))
       peer["img_per_s"] = peer.pop("items_per_s")
       peer["tflops_per_device"] = peer["train_flops_per_image"] * peer["img_per_s"] / 1e12
-      peer["mfu"] = perf.mfu(peer["train_flops_per_image"], peer["img_per_s"], peak)
+      # The peer is one process on the whole host: on a CPU split into devices, its peak is
+      # all of theirs.
+      host_peak = peak * (n if device.platform == "cpu" else 1)
+      peer["mfu"] = perf.mfu(peer["train_flops_per_image"], peer["img_per_s"], host_peak)
       if "peak_memory_bytes" in peer:
         peer["peak_memory_gib"] = peer.pop("peak_memory_bytes") / 2**30
       result["peer"] = peer

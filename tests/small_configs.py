@@ -8,9 +8,15 @@ two-level U-Net with self- and cross-attention takes ~9 s a process, of this one
 U-Net without attention ~2.5 s (2-core CPU, warm compilation cache). Its convolutions
 still have 16 input channels, so the default rules still shard them over `fsdp`; the text
 still enters through the pooled text embedding. The model's own tests (test_unet.py,
-test_train.py, test_cli.py) keep the full tiny config.
+test_cli.py) keep the full tiny config.
+
+`ONE_LEVEL_UNET` keeps self- and cross-attention at its one level, for tests whose subject
+is a train step on several meshes (test_train.py, test_multislice.py) or the text path
+(test_encode_text.py) rather than depth.
 """
 MINIMAL_BASE_UNET = dict(channel_mults=(1,), self_attn_levels=(), cross_attn_levels=())
+ONE_LEVEL_UNET = dict(channel_mults=(1,), num_res_blocks=1, self_attn_levels=(0,),
+                      cross_attn_levels=(0,))
 
 
 def minimal_base(config):
@@ -23,3 +29,10 @@ def minimal_base_flags():
   """The same change as command-line overrides of `python -m imagen_jax.train`."""
   return [f"--config.stages.base.unet.{name}={value!r}"
           for name, value in MINIMAL_BASE_UNET.items()]
+
+
+def one_level(config, stages=None):
+  """`config` with `ONE_LEVEL_UNET` in `stages` (default: every stage); returns it."""
+  for stage in stages or config.stage_order:
+    config.stages[stage].unet.update(ONE_LEVEL_UNET)
+  return config

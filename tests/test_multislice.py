@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
-from test_train import StageRunner  # the real train step of one tiny stage on a mesh
+from test_train import StageRunner, one_level_config, runner  # real train steps on meshes
 
 from configs import shapes as shapes_config
 from imagen_jax.config_files import load_sibling
@@ -258,15 +258,11 @@ def test_config_validation_on_two_slices():
 # ---- Two slices train exactly what one device trains. ----
 
 def test_steps_on_two_slices_equal_one_device():
-  config = _multislice_tiny()
-  # The tiny base cut to one level with text cross-attention: compiling the train step
-  # (twice: two meshes) is most of this test's time.
-  config.stages.base.unet.update(base_channels=8, channel_mults=(1,), self_attn_levels=(),
-                                 cross_attn_levels=(0,), attn_heads=2, attn_head_dim=8,
-                                 cond_dim=16)
-  sliced = StageRunner(config, "base", SLICES, jax.devices())
-  single = StageRunner(config, "base", {"slice": 1, "data": 1, "fsdp": 1, "tensor": 1},
-                       jax.devices()[:1])
+  # The one-level U-Nets of test_train.py's mesh tests (compiling the train step is most of
+  # this test's time), and its one-device runner as the reference: on one device, the
+  # multi-slice rules and the plain ones compute the same thing.
+  sliced = StageRunner(one_level_config(_multislice_tiny()), "base", SLICES, jax.devices())
+  single = runner("base", {"data": 1, "fsdp": 1, "tensor": 1})
   assert sliced.mesh.axis_names[0] == "slice"
   assert [x.sharding.spec for x in jax.tree.leaves(sliced.state.params)
           if "slice" in str(x.sharding.spec)] == []

@@ -1,4 +1,5 @@
 """Training: config validation, sharded == single-device steps, checkpoint round trip."""
+import math
 import os
 
 import flax
@@ -19,6 +20,8 @@ from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import example_inputs
 from imagen_jax.train.state import create_train_state, make_optimizer
 from imagen_jax.train.step import make_train_step
+
+from small_configs import one_level
 
 
 def tiny_config():
@@ -116,21 +119,32 @@ MESH_4X2 = {"data": 4, "fsdp": 2, "tensor": 1}
 MESH_1 = {"data": 1, "fsdp": 1, "tensor": 1}
 
 
-@pytest.fixture(scope="module")
+def one_level_config(config=None):
+  """`config` (default: configs/shapes.py:tiny) with one-level U-Nets (self- and
+  cross-attention at that level) in every stage: what a mesh does to a train step does not
+  depend on depth, and compiling the tiny config's two-level U-Nets for two meshes took
+  ~70 s a stage on 2 cores. The convolutions keep 16 input channels: fsdp shards them."""
+  return one_level(tiny_config() if config is None else config)
+
+
+_RUNNERS = {}
+
+
+def runner(stage, mesh_shape):
+  """One StageRunner of `one_level_config()` per stage and mesh for the whole session
+  (tests/test_multislice.py compares against the one-device runner too). Building one
+  traces, compiles and initialises its train state; runs never change it (`run` takes and
+  returns states)."""
+  key = (stage, tuple(mesh_shape.items()))
+  if key not in _RUNNERS:
+    devices = jax.devices()[:math.prod(mesh_shape.values())]
+    _RUNNERS[key] = StageRunner(one_level_config(), stage, mesh_shape, devices)
+  return _RUNNERS[key]
+
+
+@pytest.fixture
 def runners():
-  """runners(stage, mesh_shape): one StageRunner per stage and mesh for the whole module.
-  Building one traces, compiles and initialises its train state (~10 s on 2 CPU cores);
-  runs never change it (`run` takes and returns states)."""
-  built = {}
-
-  def get(stage, mesh_shape):
-    key = (stage, tuple(mesh_shape.items()))
-    if key not in built:
-      devices = jax.devices() if mesh_shape == MESH_4X2 else jax.devices()[:1]
-      built[key] = StageRunner(tiny_config(), stage, mesh_shape, devices)
-    return built[key]
-
-  return get
+  return runner
 
 
 @pytest.mark.parametrize("stage", ["base", "sr"])
