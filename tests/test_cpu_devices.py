@@ -28,6 +28,14 @@ def test_device_count(value, batches, cores, expected):
   assert cpu_devices.device_count(_config(value, *batches), cores=cores) == expected
 
 
+@pytest.mark.parametrize("mesh,expected", [({"data": 1, "fsdp": 1}, 0), ({"data": 2, "fsdp": 2}, 4),
+                                           ({"data": -1, "fsdp": 2}, 8)])
+def test_a_mesh_without_minus_one_sets_the_count(mesh, expected):
+  config = _config(-1, 32)
+  config.mesh = mesh
+  assert cpu_devices.device_count(config, cores=8) == expected
+
+
 def test_a_config_without_the_field_is_left_alone():
   assert cpu_devices.device_count(ml_collections.ConfigDict({"stages": {}}), cores=8) == 0
 

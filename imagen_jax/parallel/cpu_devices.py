@@ -10,7 +10,8 @@ shapes base stage trains at 83 img/s instead of 69, its SR stage at 64 instead o
 `config.cpu_devices`: 0 (or absent) leaves JAX's default; -1 asks for one device per core
 this process may use; a positive number asks for that many. The count is lowered to the
 largest one that divides every stage's batch, so that `data: -1` still shards each batch
-evenly. It only applies when the CPU is JAX's platform, when XLA_FLAGS does not already set
+evenly; a `config.mesh` without -1 sets the count itself (e.g. `--config.mesh.data=1`
+trains on one device). It only applies when the CPU is JAX's platform, when XLA_FLAGS does not already set
 `--xla_force_host_platform_device_count` (the tests simulate 8 devices that way), and
 before JAX has created its CPU client; otherwise it is skipped with a log line.
 """
@@ -44,6 +45,9 @@ def device_count(config, cores: int | None = None) -> int:
                      "-1 (one device per core) or a positive number of devices.")
   if wanted == -1:
     wanted = cores or available_cores()
+  sizes = list(config.get("mesh", {}).values())
+  if wanted and sizes and -1 not in sizes:
+    wanted = math.prod(sizes)  # a mesh without -1 names its device count itself
   if wanted <= 1:
     return 0
   batches = _batch_sizes(config)
