@@ -142,15 +142,10 @@ def runner(stage, mesh_shape):
   return _RUNNERS[key]
 
 
-@pytest.fixture
-def runners():
-  return runner
-
-
 @pytest.mark.parametrize("stage", ["base", "sr"])
-def test_steps_on_4x2_mesh_equal_one_device(stage, runners):
-  sharded = runners(stage, MESH_4X2)
-  single = runners(stage, MESH_1)
+def test_steps_on_4x2_mesh_equal_one_device(stage):
+  sharded = runner(stage, MESH_4X2)
+  single = runner(stage, MESH_1)
   # The batch really is split over 8 devices, and the params over fsdp where rules say so.
   assert len(jax.tree.leaves(sharded.state.params)[0].devices()) == 8
   specs = [x.sharding.spec for x in jax.tree.leaves(sharded.state.params)]
@@ -175,20 +170,20 @@ def test_steps_on_4x2_mesh_equal_one_device(stage, runners):
 
 # ---- Save -> restore -> the next step is identical. ----
 
-def test_checkpoint_round_trip_next_step_identical(tmp_path, runners):
-  runner = runners("sr", MESH_4X2)
-  state, _ = runner.run(runner.state, [1])
+def test_checkpoint_round_trip_next_step_identical(tmp_path):
+  sr = runner("sr", MESH_4X2)
+  state, _ = sr.run(sr.state, [1])
   manager = ckpt.stage_manager(str(tmp_path), "sr")
   manager.save(1, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
-  continued, loss_a = runner.run(state, [2])
+  continued, loss_a = sr.run(state, [2])
 
   fresh = ckpt.stage_manager(str(tmp_path), "sr")
-  restored, step = ckpt.restore_latest(fresh, runner.state, runner.shardings)
+  restored, step = ckpt.restore_latest(fresh, sr.state, sr.shardings)
   assert step == 1 and int(restored.step) == 1
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     assert a.sharding == b.sharding
-  resumed, loss_b = runner.run(restored, [2])
+  resumed, loss_b = sr.run(restored, [2])
   assert loss_a == loss_b
   for a, b in zip(jax.tree.leaves(continued), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(_as_array(a), _as_array(b))

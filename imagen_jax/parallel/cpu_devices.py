@@ -4,16 +4,16 @@ JAX gives a CPU host one device. XLA runs the convolutions and matmuls of that d
 all cores, but much of a small U-Net's step (GroupNorm, FiLM, activations, the optimizer
 update) runs on one thread. Split into one device per core, with the batch sharded over
 `data`, all of the step runs on every core. On the 2-core machine of this repository the
-shapes base stage trains at 83 img/s instead of 69, its SR stage at 64 instead of 49
+shapes base stage trains at 84 img/s instead of 69, its SR stage at 64 instead of 49
 (bench/README.md, "CPU devices").
 
 `config.cpu_devices`: 0 (or absent) leaves JAX's default; -1 asks for one device per core
 this process may use; a positive number asks for that many. The count is lowered to the
 largest one that divides every stage's batch, so that `data: -1` still shards each batch
 evenly; a `config.mesh` without -1 sets the count itself (e.g. `--config.mesh.data=1`
-trains on one device). It only applies when the CPU is JAX's platform, when XLA_FLAGS does not already set
-`--xla_force_host_platform_device_count` (the tests simulate 8 devices that way), and
-before JAX has created its CPU client; otherwise it is skipped with a log line.
+trains on one device). It only applies when the CPU is JAX's platform, when XLA_FLAGS does
+not already set `--xla_force_host_platform_device_count` (the tests simulate 8 devices that
+way), and before JAX has created its CPU client; otherwise it is skipped with a log line.
 """
 from __future__ import annotations
 
