@@ -11,9 +11,10 @@ shapes base stage trains at 84 img/s instead of 69, its SR stage at 64 instead o
 this process may use; a positive number asks for that many. The count is lowered to the
 largest one that divides every stage's batch, so that `data: -1` still shards each batch
 evenly; a `config.mesh` without -1 sets the count itself (e.g. `--config.mesh.data=1`
-trains on one device). It only applies when the CPU is JAX's platform, when XLA_FLAGS does
-not already set `--xla_force_host_platform_device_count` (the tests simulate 8 devices that
-way), and before JAX has created its CPU client; otherwise it is skipped with a log line.
+trains on one device). It sets the device count of JAX's CPU client only (a GPU or TPU
+host's own devices are untouched), unless XLA_FLAGS already sets
+`--xla_force_host_platform_device_count` (the tests simulate 8 devices that way), and only
+before JAX has created its clients; otherwise it is skipped with a log line.
 """
 from __future__ import annotations
 
@@ -52,23 +53,8 @@ def device_count(config, cores: int | None = None) -> int:
     return 0
   batches = _batch_sizes(config)
   # The largest count <= wanted that divides every stage's batch.
-  step = math.gcd(*batches) if batches else wanted
-  return max(d for d in range(1, wanted + 1) if step % d == 0)
-
-
-def _cpu_is_the_platform() -> bool:
-  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  # No platform named: JAX takes an accelerator when its plugin is installed.
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  return not any(importlib.util.find_spec(name) for name in
-                 ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"))
-
-
-def _backends_started() -> bool:
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  return bool(xla_bridge._backends)  # pylint: disable=protected-access
+  common = math.gcd(*batches) if batches else wanted
+  return max(d for d in range(1, wanted + 1) if common % d == 0)
 
 
 def apply(config) -> int:
@@ -80,12 +66,12 @@ def apply(config) -> int:
   if _COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
     logging.info("config.cpu_devices: XLA_FLAGS already sets %s; leaving it.", _COUNT_FLAG)
     return 0
-  if not _cpu_is_the_platform():
-    return 0
-  if _backends_started():
+  try:
+    # Only JAX's CPU client reads this: on a GPU or TPU host it changes nothing they use.
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # JAX refuses once its clients exist
     logging.warning("config.cpu_devices=%s skipped: JAX's devices were created before it "
                     "could apply.", config.cpu_devices)
     return 0
-  jax.config.update("jax_num_cpu_devices", count)
   logging.info("config.cpu_devices: %d CPU devices (%d cores).", count, available_cores())
   return count
