@@ -48,6 +48,10 @@ flags.DEFINE_string("peer_wheels", "", "Install the peer offline from these whee
 flags.DEFINE_bool("peer_system_site_packages", False, "Peer venv sees the system's torch.")
 flags.DEFINE_integer("peer_threads", 0, "torch threads for a CPU peer (0: the core count).")
 flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
+flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps steps of each text mode "
+                    "with jax.profiler into DIR/<mode> and print where their time goes "
+                    "(bench/profile_summary.py).")
+flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
 FLAGS = flags.FLAGS
 
 
@@ -60,7 +64,30 @@ def time_steps(compiled, state, batch, text_params):
     jax.block_until_ready(metrics)
     if i >= FLAGS.warmup:
       times.append(time.perf_counter() - t0)
-  return statistics.median(times), times, metrics
+  return statistics.median(times), times, metrics, state
+
+
+def profile_steps(compiled, state, batch, text_params, mode: str, log) -> dict:
+  """Traces --profile_steps more steps into --profile_dir/<mode>; returns the summary of
+  where their time went (bench/profile_summary.py), which is also logged."""
+  import jax
+
+  from bench import profile_summary
+  trace_dir = os.path.join(FLAGS.profile_dir, mode)
+  jax.profiler.start_trace(trace_dir)
+  try:
+    for _ in range(FLAGS.profile_steps):
+      state, metrics = compiled(state, batch, text_params)
+      jax.block_until_ready(metrics)
+  finally:
+    jax.profiler.stop_trace()
+  hlo = compiled.as_text()
+  with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
+    f.write(hlo)
+  summary = profile_summary.summarize(trace_dir, hlo, steps=FLAGS.profile_steps,
+                                      num_devices=jax.device_count())
+  log(f"{mode}: profile in {trace_dir}\n" + profile_summary.format_summary(summary))
+  return summary
 
 
 def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
@@ -116,14 +143,17 @@ def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
                            state, batch, text_params).compile()
   compile_s = time.perf_counter() - t0
   log(f"{mode}: init {init_s:.1f} s, compile {compile_s:.1f} s; timing {FLAGS.steps} steps")
-  step_s, times, metrics = time_steps(compiled, state, batch, text_params)
+  step_s, times, metrics, state = time_steps(compiled, state, batch, text_params)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"{mode}: the loss is {loss}; the figures would be meaningless")
-  return dict(text=mode, compile_s=compile_s, init_s=init_s, step_s=step_s,
-              step_s_min=min(times), step_s_max=max(times), loss=loss,
-              img_per_s=batch_size / step_s,
-              img_per_s_per_device=batch_size / step_s / jax.device_count())
+  run = dict(text=mode, compile_s=compile_s, init_s=init_s, step_s=step_s,
+             step_s_min=min(times), step_s_max=max(times), loss=loss,
+             img_per_s=batch_size / step_s,
+             img_per_s_per_device=batch_size / step_s / jax.device_count())
+  if FLAGS.profile_dir:
+    run["profile"] = profile_steps(compiled, state, batch, text_params, mode, log)
+  return run
 
 
 def peer_spec(config, spec, batch_size: int, device) -> dict:

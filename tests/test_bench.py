@@ -99,3 +99,44 @@ def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
   # sizes agree to within 5% (16.6M vs 16.8M), and the FLOP count is torch's own.
   assert peer["params_m"] == pytest.approx(ours, rel=0.05)
   assert peer["train_flops_per_image"] > 0 and peer["step_s"] > 0
+
+
+def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
+  """bench/profile_summary.py on a real trace of a small data-parallel step on 2 devices:
+  a 3x3 convolution (forward, input and weight gradients), a matmul, the gradient
+  all-reduce; every category found is one the step has, and the time is per device-step."""
+  sys.path.insert(0, ROOT)
+  from bench import profile_summary
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  rng = np.random.default_rng(0)
+  x = jax.device_put(rng.standard_normal((4, 16, 16, 8), np.float32),
+                     NamedSharding(mesh, P("data")))
+  params = jax.device_put((rng.standard_normal((3, 3, 8, 8), np.float32),
+                           rng.standard_normal((8, 8), np.float32)), NamedSharding(mesh, P()))
+
+  def loss(params, x):
+    w, v = params
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.tanh(y @ v) ** 2)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)),
+                 out_shardings=NamedSharding(mesh, P())).lower(params, x).compile()
+  jax.block_until_ready(step(params, x))
+  jax.profiler.start_trace(str(tmp_path))
+  for _ in range(3):
+    jax.block_until_ready(step(params, x))
+  jax.profiler.stop_trace()
+  summary = profile_summary.summarize(str(tmp_path), step.as_text(), steps=3, num_devices=2)
+  s = summary["seconds_per_step"]
+  assert set(s) == set(profile_summary.CATEGORIES)
+  for category in ("convolution, forward", "convolution, weight gradient", "matmul",
+                   "collective"):
+    assert s[category] > 0, (category, summary)
+  assert summary["total"] == pytest.approx(sum(s.values()))
+  assert {op["category"] for op in summary["top"]} <= set(profile_summary.CATEGORIES)
+  text = profile_summary.format_summary(summary)
+  assert "convolution, weight gradient" in text and "per step per device" in text
+  with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
+    profile_summary.summarize(str(tmp_path / "empty"), step.as_text(), steps=1, num_devices=1)
