@@ -21,6 +21,9 @@ in a virtual environment the script makes (bench/peer_env.py), and prints the ra
   python bench/train_step.py --config=configs/imagen_base64.py --stage=base --batch=64 \
       --config.stages.base.optimizer.name=adam --peer --peer_venv=/tmp/peer \
       --peer_wheels=.whl --peer_system_site_packages
+--profile_dir=DIR also traces --profile_steps steps of each text mode with jax.profiler
+(DIR/<mode>, viewable in TensorBoard / Perfetto) and prints where their time went by kind
+of HLO instruction (bench/profile_summary.py; also in the JSON under "profile").
 The last line printed is one JSON object with every figure (also --json_out=FILE).
 """
 import json
