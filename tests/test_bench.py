@@ -103,8 +103,8 @@ def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
 
 def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
   """bench/profile_summary.py on a real trace of a small data-parallel step on 2 devices:
-  a 3x3 convolution (forward, input and weight gradients), a matmul, the gradient
-  all-reduce; every category found is one the step has, and the time is per device-step."""
+  a 3x3 convolution (forward, and its weight gradient: the input is not differentiated),
+  a matmul, the gradient all-reduce; each shows up in its category, per device-step."""
   sys.path.insert(0, ROOT)
   from bench import profile_summary
   from jax.sharding import NamedSharding, PartitionSpec as P
