@@ -57,9 +57,9 @@ def _opcode(rhs: str) -> str:
 
 
 def parse_hlo(hlo_text: str) -> dict[str, dict]:
-  """{instruction name: {"opcode", "op_name", "calls", "window"}} of every instruction in
-  an HLO module's text, plus {computation name: [its instructions' names]} under
-  "__computations__"."""
+  """{instruction name: {"opcode", "op_name", "window", "inner"}} of every instruction in
+  an HLO module's text; "inner" lists the instructions of the computation it calls (a
+  fusion's body), empty for the others."""
   ops, computations, current = {}, {}, None
   for line in hlo_text.splitlines():
     if current is None or line.startswith(("ENTRY", "%")) and line.rstrip().endswith("{"):
@@ -82,18 +82,17 @@ def parse_hlo(hlo_text: str) -> dict[str, dict]:
                      calls=calls.group(1) if calls else "",
                      window=window.group(1) if window else "")
     computations[current].append(name)
-  ops["__computations__"] = computations
+  for op in ops.values():
+    op["inner"] = [ops[i] for i in computations.get(op.pop("calls"), ())]
   return ops
 
 
-def categorize(name: str, ops: dict) -> str:
-  """The category (CATEGORIES) of the HLO instruction `name`."""
-  op = ops[name]
-  inner = [ops[i] for i in ops["__computations__"].get(op["calls"], ())]
-  opcodes = {op["opcode"]} | {i["opcode"] for i in inner}
-  if opcodes & set(_COLLECTIVES) or any(o.startswith(_COLLECTIVES) for o in opcodes):
+def categorize(op: dict) -> str:
+  """The category (CATEGORIES) of one instruction of `parse_hlo`."""
+  opcodes = {op["opcode"]} | {i["opcode"] for i in op["inner"]}
+  if any(o.startswith(_COLLECTIVES) for o in opcodes):  # also their -start / -done halves
     return "collective"
-  convs = [i for i in [op] + inner if i["opcode"] == "convolution"]
+  convs = [i for i in [op] + op["inner"] if i["opcode"] == "convolution"]
   if convs:
     window = convs[0]["window"]
     if window and math.prod(int(d) for d in window.split("x")) > 9:
@@ -131,15 +130,15 @@ def op_seconds(trace_dir: str, names) -> collections.Counter:
 def summarize(trace_dir: str, hlo_text: str, *, steps: int, num_devices: int) -> dict:
   """Seconds per step per device of each category, and the top instructions."""
   ops = parse_hlo(hlo_text)
-  seconds = op_seconds(trace_dir, set(ops) - {"__computations__"})
+  seconds = op_seconds(trace_dir, set(ops))
   if not seconds:
     raise ValueError(f"the trace in {trace_dir} has no events of this HLO module's "
                      "instructions: was it traced while running this compiled step?")
   per = 1.0 / (steps * num_devices)
   by_category = collections.Counter()
   for name, s in seconds.items():
-    by_category[categorize(name, ops)] += s * per
-  top = [dict(name=name, category=categorize(name, ops), seconds=s * per,
+    by_category[categorize(ops[name])] += s * per
+  top = [dict(name=name, category=categorize(ops[name]), seconds=s * per,
               op_name=ops[name]["op_name"][-120:]) for name, s in seconds.most_common(15)]
   return dict(seconds_per_step={c: by_category.get(c, 0.0) for c in CATEGORIES},
               total=sum(by_category.values()), top=top, steps=steps,
