@@ -183,12 +183,27 @@ def test_sr_steps_on_4x2_mesh_equal_one_device():
 
 # ---- Save -> restore -> the next step is identical. ----
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
 def test_checkpoint_round_trip_next_step_identical(tmp_path):
   sr = runner("sr", MESH_4X2)
   state, _ = sr.run(sr.state, [1])
   manager = ckpt.stage_manager(str(tmp_path), "sr")
-  manager.save(1, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+  compiles = []
+
+  def count_compiles(event, duration, **kwargs):
+    if event == COMPILE_EVENT:
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(count_compiles)
+  try:
+    manager.save(1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count_compiles)
+  # One process on CPU: every array is written whole, without a compiled slice per replica
+  # (ckpt.save_whole_arrays_on_cpu).
+  assert compiles == []
   continued, loss_a = sr.run(state, [2])
 
   fresh = ckpt.stage_manager(str(tmp_path), "sr")
