@@ -258,12 +258,12 @@ def test_config_validation_on_two_slices():
 # ---- Two slices train exactly what one device trains. ----
 
 def test_steps_on_two_slices_equal_one_device():
-  # The one-level U-Nets of test_train.py's mesh tests (compiling the train step is most of
-  # this test's time), and its one-device runner as the reference and the initial state:
-  # on one device, the multi-slice rules and the plain ones compute the same thing. This is
-  # also the suite's base-stage check of a sharded step (test_train.py's 4x2 one is SR).
-  single = runner("base", {"data": 1, "fsdp": 1, "tensor": 1})
-  sliced = StageRunner(one_level_config(_multislice_tiny()), "base", SLICES, jax.devices(),
+  # The SR stage's one-level U-Net of test_train.py's 4x2-mesh test, and its one-device
+  # runner as the reference and the initial state (shared: compiling a train step is most
+  # of this test's time): on one device, the multi-slice rules and the plain ones compute
+  # the same thing. The SR step is the base step plus the low-res conditioning.
+  single = runner("sr", {"data": 1, "fsdp": 1, "tensor": 1})
+  sliced = StageRunner(one_level_config(_multislice_tiny()), "sr", SLICES, jax.devices(),
                        like=single)
   assert sliced.mesh.axis_names[0] == "slice"
   assert [x.sharding.spec for x in jax.tree.leaves(sliced.state.params)
