@@ -31,6 +31,12 @@ def minimal_base_flags():
           for name, value in MINIMAL_BASE_UNET.items()]
 
 
+def one_level_flags(stages=("base", "sr")):
+  """`one_level` as command-line overrides of `python -m imagen_jax.train`."""
+  return [f"--config.stages.{stage}.unet.{name}={value!r}"
+          for stage in stages for name, value in ONE_LEVEL_UNET.items()]
+
+
 def one_level(config, stages=None):
   """`config` with `ONE_LEVEL_UNET` in `stages` (default: every stage); returns it."""
   for stage in stages or config.stage_order:

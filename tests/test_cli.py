@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import background
+from small_configs import one_level_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,12 +34,16 @@ def train_then_sample(tmp_path):
   data_dir = str(tmp_path / "tfds")
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red circle at the top\ntwo blue squares\n")
+  # One-level U-Nets with attention (tests/small_configs.py): what these commands do
+  # (stages in order, checkpoints, resume, evaluation, sampling from the workdir) does not
+  # depend on depth, and the tiny config's two-level U-Nets compile for ~2x longer in every
+  # process. test_unet.py covers the deeper models.
+  train = ["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+           f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2",
+           *one_level_flags()]
   commands = {
-      "train": ["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
-                f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2"],
-      "again": ["imagen_jax.train", "--config=configs/shapes.py:tiny", f"--workdir={workdir}",
-                f"--config.data_dir={data_dir}", "--config.stages.sr.train.num_steps=2",
-                "--config.eval.after_training=False"],
+      "train": train,
+      "again": [*train, "--config.eval.after_training=False"],
       "sample": ["imagen_jax.sample", f"--workdir={workdir}",
                  "--prompt=a green triangle on the left", f"--prompts_file={prompts}",
                  f"--output_dir={tmp_path / 'samples'}", "--num_per_prompt=2",
