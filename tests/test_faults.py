@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -349,10 +350,12 @@ def _train_command(workdir, data_dir):
           f"--workdir={workdir}", "--stage=base", f"--config.data_dir={data_dir}",
           *minimal_base_flags(),
           f"{train}num_steps={NUM_STEPS}", f"{train}checkpoint_every=3", f"{train}log_every=1",
-          f"{train}sample_every=0", f"{train}log_example_keys=True"]
+          f"{train}sample_every=0", f"{train}log_example_keys=True", "--config.cpu_devices=0"]
 
 
-# One CPU device, as a user runs it; the persistent compilation cache of conftest.py.
+# One CPU device (config.cpu_devices=0): what these runs prove does not depend on the
+# devices, and one device's train step compiles faster than a partitioned one. The
+# persistent compilation cache of conftest.py.
 ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
@@ -378,6 +381,15 @@ def _run_until(workdir, data_dir, kill_after=None, sig=signal.SIGKILL):
   finally:
     if process.poll() is None:
       process.kill()
+
+
+def _wait_for_line(process, log, text, timeout=300):
+  """Waits until `log` holds `text`, or `process` has ended."""
+  deadline = time.monotonic() + timeout
+  while process.poll() is None and time.monotonic() < deadline:
+    if text in log.read_text():
+      return
+    time.sleep(0.2)
 
 
 def _trained_keys(workdir):
@@ -411,6 +423,9 @@ def kill_and_resume(tmp_path):
   with open(tmp_path / "reference.log", "w") as reference_log:
     uninterrupted = _start(reference, data_dir, stderr=reference_log)
   try:
+    # The interrupted runs start once this one has compiled (and cached) its programs,
+    # rather than compiling them a second time beside it.
+    _wait_for_line(uninterrupted, tmp_path / "reference.log", f"step 1/{NUM_STEPS}  loss")
     for kill_after in kills:
       runs.append(("SIGKILL", -signal.SIGKILL,
                    *_run_until(interrupted, data_dir, kill_after)))
