@@ -46,3 +46,10 @@ def pytest_sessionfinish(session, exitstatus):
   import background  # tests/background.py
 
   background.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+  import background  # tests/background.py
+
+  if background.summary():
+    terminalreporter.write_line(background.summary())
