@@ -51,5 +51,6 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter):
   import background  # tests/background.py
 
-  if background.summary():
-    terminalreporter.write_line(background.summary())
+  line = background.summary()
+  if line:
+    terminalreporter.write_line(line)
