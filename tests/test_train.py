@@ -186,6 +186,7 @@ def test_sr_steps_on_4x2_mesh_equal_one_device():
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
+
 def test_checkpoint_round_trip_next_step_identical(tmp_path):
   sr = runner("sr", MESH_4X2)
   state, _ = sr.run(sr.state, [1])
