@@ -16,7 +16,8 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import pretrained
 from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import example_inputs
-from imagen_jax.train.state import abstract_train_state, make_optimizer
+from imagen_jax.train.state import (abstract_train_state, boxed_train_state, make_optimizer,
+                                    train_state_shardings)
 
 MESHES = {
     "data8": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -229,12 +230,14 @@ def _unet_model(name, config, stage):
   spec = {s.name: s for s in stages_lib.validate(config, mesh_lib.make_mesh(MESHES["data8"]))}[stage]
   unet = UNet(spec.unet)
   inputs = example_inputs(spec, config.text.d_model, config.text.max_length)
-  boxed = jax.eval_shape(lambda k: unet.init(k, *inputs), jax.random.key(0))["params"]
+  # One trace of the train state for every mesh (its shardings are what abstract_train_state
+  # returns: train_state_shardings of this boxed state).
+  state = boxed_train_state(unet, inputs, make_optimizer(spec.optimizer),
+                            mesh=mesh_lib.make_mesh(MESHES["data8"]), rules=RULES)
+  boxed = state.params
 
   def shardings(mesh):
-    _, state_shardings = abstract_train_state(unet, inputs, make_optimizer(spec.optimizer),
-                                              mesh=mesh, rules=RULES)
-    return state_shardings.params
+    return train_state_shardings(state, mesh, RULES).params
 
   return Model(name, boxed, shardings)
 

@@ -104,13 +104,25 @@ def _init_fn(model: nn.Module, example_inputs: tuple, optimizer):
 def abstract_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, mesh: Mesh,
                          rules) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings) without allocating anything: the target of a restore."""
+  boxed = boxed_train_state(model, example_inputs, optimizer, mesh=mesh, rules=rules)
+  return unbox_state(boxed), train_state_shardings(boxed, mesh, rules)
+
+
+def boxed_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, mesh: Mesh,
+                      rules) -> TrainState:
+  """The abstract state (`eval_shape` of init) with the logical boxes of its leaves: the
+  same for every mesh (`train_state_shardings` places it on one), so one trace serves many."""
   init_fn = _init_fn(model, example_inputs, optimizer)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = mesh_lib.logical_sharding(abstract, mesh, rules)
+    return jax.eval_shape(init_fn, jax.random.key(0))
+
+
+def train_state_shardings(boxed: TrainState, mesh: Mesh, rules) -> TrainState:
+  """The shardings of a `boxed_train_state` on `mesh`: leaves by their logical names;
+  step, rng and the skipped-step count replicated."""
+  shardings = mesh_lib.logical_sharding(boxed, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  shardings = shardings.replace(step=replicated, rng=replicated, skipped_steps=replicated)
-  return unbox_state(abstract), shardings
+  return shardings.replace(step=replicated, rng=replicated, skipped_steps=replicated)
 
 
 def create_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, rng: jax.Array,
