@@ -28,7 +28,6 @@ Per stage:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -185,18 +184,6 @@ def abstract_mesh(mesh_shape: Mapping[str, int], num_devices: int) -> jax.shardi
                                    axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-@functools.lru_cache(maxsize=8)
-def _boxed_train_state(spec: stages_lib.StageSpec, rules):
-  """The stage's abstract train state with its logical boxes, traced once per (spec, rules):
-  a paper-sized U-Net takes seconds to trace, and a summary places it on several meshes."""
-  model = UNet(spec.unet)
-  optimizer = state_lib.make_optimizer(spec.optimizer)
-  inputs = _stage_inputs(spec, 8, train_size(spec))
-  init_fn = state_lib._init_fn(model, inputs, optimizer)  # the train state's own init
-  with nn.logical_axis_rules(rules):
-    return jax.eval_shape(init_fn, jax.random.key(0))
-
-
 def state_memory_per_device(config, stage_name: str, mesh) -> dict[str, int]:
   """Bytes per device of params, optimizer state and EMA of a stage's train state.
 
@@ -206,7 +193,9 @@ def state_memory_per_device(config, stage_name: str, mesh) -> dict[str, int]:
   """
   spec = stages_lib.stage_spec(config, stage_name)
   rules = mesh_lib.rules_from_config(config.axis_rules)
-  boxed = _boxed_train_state(spec, rules)
+  boxed = state_lib.boxed_train_state(  # the train state's own init, traced
+      UNet(spec.unet), _stage_inputs(spec, 8, train_size(spec)),
+      state_lib.make_optimizer(spec.optimizer), mesh=None, rules=rules)
   shardings = mesh_lib.logical_sharding(boxed, mesh, rules)
   values = state_lib.unbox_state(boxed)
 

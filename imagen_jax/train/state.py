@@ -1,6 +1,7 @@
 """The train state (params, optimizer state, EMA, step, rng) and its sharded creation."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -108,12 +109,14 @@ def abstract_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, 
   return unbox_state(boxed), train_state_shardings(boxed, mesh, rules)
 
 
-def boxed_train_state(model: nn.Module, example_inputs: tuple, optimizer, *, mesh: Mesh,
-                      rules) -> TrainState:
+def boxed_train_state(model: nn.Module, example_inputs: tuple, optimizer, *,
+                      mesh: Mesh | None, rules) -> TrainState:
   """The abstract state (`eval_shape` of init) with the logical boxes of its leaves: the
-  same for every mesh (`train_state_shardings` places it on one), so one trace serves many."""
+  same for every mesh (`train_state_shardings` places it on one), so one trace serves many.
+  mesh=None traces it under the rules alone (summaries of meshes that are not present)."""
   init_fn = _init_fn(model, example_inputs, optimizer)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  in_mesh = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+  with in_mesh, nn.logical_axis_rules(rules):
     return jax.eval_shape(init_fn, jax.random.key(0))
 
 
