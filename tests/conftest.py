@@ -31,15 +31,28 @@ def pytest_configure(config):
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only what will be asserted
 def pytest_collection_modifyitems(session, config, items):
   import background  # tests/background.py
+  import work_stealing  # tests/work_stealing.py
 
-  waiting = [item for item in items if item.get_closest_marker("background")]
-  if config.option.collectonly:
+  if config.option.collectonly or work_stealing.is_helper():
     return
+  waiting = [item for item in items if item.get_closest_marker("background")]
   for item in waiting:
     (job,) = item.get_closest_marker("background").args
     background.start(job, config._tmp_path_factory.mktemp(job.__name__))
   # The jobs' tests last, so that their jobs have the whole session to run in.
-  items[:] = [item for item in items if item not in waiting] + waiting
+  in_process = [item for item in items if item not in waiting]
+  items[:] = in_process + waiting
+  # Once its jobs are done, the lane helps with the in-process tests.
+  work_stealing.plan(config, in_process)
+  help_ = work_stealing.help_from_the_end
+  background.start(help_, config._tmp_path_factory.mktemp(help_.__name__))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+  import work_stealing  # tests/work_stealing.py
+
+  return work_stealing.run_or_replay(item)  # None: run it here
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -51,6 +64,8 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter):
   import background  # tests/background.py
 
-  line = background.summary()
-  if line:
-    terminalreporter.write_line(line)
+  import work_stealing  # tests/work_stealing.py
+
+  for line in (background.summary(), work_stealing.summary()):
+    if line:
+      terminalreporter.write_line(line)
