@@ -1,17 +1,20 @@
-"""Several hosts on one machine: 4 and then 2 local processes on CPU (2 and 4 simulated
-devices each, 8 in all) train the tiny base stage (with the one-level U-Net of
+"""Several hosts on one machine: 3 and then 2 local processes on CPU (2 and 3 simulated
+devices each, 6 in all) train the tiny base stage (with the one-level U-Net of
 tests/small_configs.py) through `python -m imagen_jax.train --coordinator_address=...`,
-and must match one process with the same global 2 x 4 mesh (the same command with 8
+and must match one process with the same global 3 x 2 mesh (the same command with 6
 simulated devices): the same examples at every step, each host reading only its share;
 the same losses and train state; one TensorBoard writer and one sample grid writer (host
-0); checkpoints written by all hosts. A SIGTERM to one of the 4 hosts stops every host at the
+0); checkpoints written by all hosts. A SIGTERM to one of the 3 hosts stops every host at the
 same step, and 2 hosts resume that checkpoint and still match.
 
-One run of 4 hosts that is preempted and resumed on 2 covers both layouts: each process
-start costs seconds of imports and compilation on 2 cores (hosts other than 0 never find
-their programs in JAX's persistent compilation cache, which only process 0 writes). The
-processes run in the background lane (tests/background.py) from the start of the session;
-the test compares what they leave at the end.
+One run of 3 hosts that is preempted and resumed on 2 covers both layouts: each process
+costs ~45 CPU-seconds of imports, compilation and training on 2 cores (hosts other than 0
+never find their programs in JAX's persistent compilation cache, which only process 0
+writes; JAX's jax_share_binary_between_hosts, which would compile on host 0 only, hangs
+here: the hosts also compile host-local programs that host 0 does not). So 3 hosts rather
+than 4: every multi-host path is the same, for one process less. The processes run in the
+background lane (tests/background.py) from the start of the session; the test compares
+what they leave at the end.
 
 Tolerance: not bit for bit. The hosts' gradient all-reduce runs over gloo, which sums in
 another order than XLA's in-process all-reduce, so values differ in the last bits: losses
@@ -44,9 +47,11 @@ from small_configs import minimal_base_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 5
-MESH = {"data": 2, "fsdp": -1, "tensor": 1}  # 2 x 4 over the 8 devices of every layout
+DEVICES = 6                # in every layout: 1 x 6, 3 x 2 and 2 x 3 (hosts x local devices)
+BATCH = 6                  # one example per device
+MESH = {"data": 3, "fsdp": -1, "tensor": 1}  # 3 x 2 over the 6 devices of every layout
 TRAIN = {"num_steps": NUM_STEPS, "log_every": 1, "checkpoint_every": NUM_STEPS,
-         "sample_every": 0, "log_example_keys": True}
+         "sample_every": 0, "log_example_keys": True, "batch_size": BATCH}
 # The one-process run keeps the state of every step, to compare the preempted run's with.
 REFERENCE_TRAIN = dict(TRAIN, checkpoint_every=1, keep_checkpoints=NUM_STEPS)
 
@@ -62,7 +67,9 @@ def _command(workdir, data_dir, train, extra=()):
   return [sys.executable, "-m", "imagen_jax.train", "--config=configs/shapes.py:tiny",
           f"--workdir={workdir}", "--stage=base", f"--config.data_dir={data_dir}",
           *minimal_base_flags(), *(f"--config.mesh.{k}={v}" for k, v in MESH.items()),
-          *(f"{flags}{k}={v}" for k, v in train.items()), *extra]
+          *(f"{flags}{k}={v}" for k, v in train.items()),
+          # The whole config is validated on the mesh, the SR stage's batch too.
+          f"--config.stages.sr.train.batch_size={BATCH}", *extra]
 
 
 def _env(local_devices):
@@ -83,7 +90,7 @@ def _launch(num_hosts, workdir, data_dir, extra=()):
     logs.append(log)
     stderr = subprocess.PIPE if i == 0 else open(log, "w")
     hosts.append(background.popen(command + [f"--process_id={i}"], cwd=REPO,
-                                  env=_env(8 // num_hosts), stdout=subprocess.DEVNULL,
+                                  env=_env(DEVICES // num_hosts), stdout=subprocess.DEVNULL,
                                   stderr=stderr, text=True))
   return hosts, logs
 
@@ -160,9 +167,9 @@ def _launch_log(logs):
   return "\n".join(log[-3000:] for log in logs)
 
 
-def four_hosts_then_two(tmp_path):
-  """One process (the reference), then 4 hosts, host 2 of which gets SIGTERM after the first
-  step, then 2 hosts that resume the 4 hosts' checkpoint and train to the end with a sample
+def three_hosts_then_two(tmp_path):
+  """One process (the reference), then 3 hosts, host 2 of which gets SIGTERM after the first
+  step, then 2 hosts that resume the 3 hosts' checkpoint and train to the end with a sample
   grid. Returns the workdirs, the runs' ([exit codes], [logs]) and what the preempted
   run's checkpoint directory held before the resume."""
   data_dir = str(tmp_path / "tfds")
@@ -171,35 +178,35 @@ def four_hosts_then_two(tmp_path):
   tfds.disable_progress_bar()
   pipeline.prepare_data(config, "shapes_16")  # generated once, read by every process
   reference, workdir = str(tmp_path / "one_process"), str(tmp_path / "hosts")
-  one = background.run(_command(reference, data_dir, REFERENCE_TRAIN), cwd=REPO, env=_env(8),
+  one = background.run(_command(reference, data_dir, REFERENCE_TRAIN), cwd=REPO, env=_env(DEVICES),
                        timeout=600)
 
   def sigterm_host2(line, hosts):
     if f"step 1/{NUM_STEPS}  loss" in line:
       hosts[2].send_signal(signal.SIGTERM)
 
-  four = _run(4, workdir, data_dir, on_host0_line=sigterm_host2)
+  three = _run(3, workdir, data_dir, on_host0_line=sigterm_host2)
   checkpoints = os.path.join(workdir, "base", "checkpoints")
   saved = {}  # {entry of checkpoints/: the files of its `default` item, if any}
   for entry in os.listdir(checkpoints) if os.path.isdir(checkpoints) else ():
     item = os.path.join(checkpoints, entry, "default")
     saved[entry] = sorted(os.listdir(item)) if os.path.isdir(item) else None
   two = _run(2, workdir, data_dir, extra=[f"--config.stages.base.train.sample_every={NUM_STEPS}"])
-  return reference, workdir, one, four, saved, two
+  return reference, workdir, one, three, saved, two
 
 
-@pytest.mark.background.with_args(four_hosts_then_two)
-def test_four_hosts_preempted_then_two_hosts_resume_equal_one_process():
-  """4 hosts train; host 2 alone gets SIGTERM after the first step; all 4 stop at the same
+@pytest.mark.background.with_args(three_hosts_then_two)
+def test_three_hosts_preempted_then_two_hosts_resume_equal_one_process():
+  """3 hosts train; host 2 alone gets SIGTERM after the first step; all 3 stop at the same
   step (the boundary after they shared it), save it together and exit 75. 2 hosts then
   resume that checkpoint, train to the end with a sample grid, and every step's examples
   and loss, and the train state at the stop and at the end, are the one-process run's."""
-  reference, workdir, one, (codes, logs), saved, two = background.result(four_hosts_then_two)
+  reference, workdir, one, (codes, logs), saved, two = background.result(three_hosts_then_two)
   assert one.returncode == 0, one.stderr[-3000:]
   assert f"Trained {{'base': {NUM_STEPS}}}" in one.stderr, one.stderr[-3000:]
 
-  assert codes == [faults.EXIT_PREEMPTED] * 4, _launch_log(logs)
-  assert "Mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 devices (4 hosts)" in logs[0]
+  assert codes == [faults.EXIT_PREEMPTED] * 3, _launch_log(logs)
+  assert "Mesh {'data': 3, 'fsdp': 2, 'tensor': 1} over 6 devices (3 hosts)" in logs[0]
   stops = [re.findall(r"SIGTERM received: stage base stopped at step (\d+), its checkpoint "
                       r"saved", log) for log in logs]
   assert all(s == stops[0] for s in stops) and len(stops[0]) == 1, _launch_log(logs)
@@ -209,24 +216,24 @@ def test_four_hosts_preempted_then_two_hosts_resume_equal_one_process():
   assert list(saved) == [str(stop)], saved
   # Every host wrote its part of the checkpoint, and it is the one-process state.
   assert [f for f in saved[str(stop)] if f.startswith("ocdbt.process_")] == [
-      f"ocdbt.process_{i}" for i in range(4)]
+      f"ocdbt.process_{i}" for i in range(3)]
   _assert_states_match(workdir, reference, stop)
 
   # 2 hosts resumed it, with a sample grid at the end: every host samples, host 0 writes it.
   codes, logs = two
   assert codes == [0, 0], _launch_log(logs)
-  assert "Mesh {'data': 2, 'fsdp': 4, 'tensor': 1} over 8 devices (2 hosts)" in logs[0]
+  assert "Mesh {'data': 3, 'fsdp': 2, 'tensor': 1} over 6 devices (2 hosts)" in logs[0]
   assert f"at step {stop}." in logs[0] and "Restored" in logs[0]
   assert f"Trained {{'base': {NUM_STEPS}}}" in logs[0]
   assert not any("Trained" in log for log in logs[1:])  # the other host only warns
   assert os.listdir(os.path.join(workdir, "base", "samples")) == [f"step_{NUM_STEPS:07d}.png"]
 
-  # Each host read its own quarter (4 hosts) / half (2 hosts) of every global batch, in
+  # Each host read its own third (3 hosts) / half (2 hosts) of every global batch, in
   # host order.
   one = _keys(reference, 0)
-  assert sorted(one) == list(range(NUM_STEPS)) and all(len(k) == 8 for k in one.values())
+  assert sorted(one) == list(range(NUM_STEPS)) and all(len(k) == BATCH for k in one.values())
   for step, names in one.items():
-    num_hosts = 4 if step < stop else 2
+    num_hosts = 3 if step < stop else 2
     assert sum((_keys(workdir, h)[step] for h in range(num_hosts)), []) == names, step
   # The same losses at every step, from the TensorBoard events of host 0 of each run.
   events = glob.glob(os.path.join(workdir, "base", "tensorboard", "events.*"))

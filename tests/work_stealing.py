@@ -13,7 +13,7 @@ had run them; a helper that dies fails the tests it had taken, with its log.
 Both processes share the persistent compilation cache and have 8 simulated devices, so the
 helper loads what the session has already compiled.
 
-This module is also the helper's pytest plugin (`-p work_stealing`): it keeps the node ids
+`TESTS_HELPER=0` turns the helper off. This module is also the helper's pytest plugin (`-p work_stealing`): it keeps the node ids
 it was given, reads file names on one pipe, runs their tests and writes the serialized
 reports on another.
 """
@@ -51,6 +51,12 @@ _config: list = []                    # the session's pytest config (for deseria
 
 def is_helper() -> bool:
   return _NODEIDS in os.environ
+
+
+def enabled() -> bool:
+  """TESTS_HELPER=0 runs every test in the session's own process (for debugging, or to time
+  tests by themselves)."""
+  return os.environ.get("TESTS_HELPER", "1") != "0"
 
 
 def _file(nodeid: str) -> str:
