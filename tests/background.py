@@ -11,7 +11,9 @@ itself) calls `result(job)`: it waits for its job, then asserts on what the job 
 as it would on subprocesses it had run itself; an exception in the job is raised in the
 test. Such a test's duration is its wait for the lane, not its cost: the lane's jobs
 take about 5 minutes of the session (2 cores, warm compilation cache), most of it the
-multi-host job. The session's summary ends with a line saying when each job ran.
+multi-host job. Its last job starts a helper pytest process that takes in-process test
+files from the end of the queue (tests/work_stealing.py), so that both cores stay busy
+to the end. The session's summary ends with a line saying when each job ran.
 (Running the lane at a lower priority, `nice -n 10`, was measured and did not help: 11 min
 58 s against 11 min 22 s cold, the lane then ending last. The two paths are about even,
 and the 2 cores are busy throughout.)

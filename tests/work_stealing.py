@@ -175,10 +175,12 @@ def help_from_the_end(directory) -> str:
   finally:
     if process.poll() is None:
       process.kill()
-    elif process.returncode and not _failure:
-      _failure = f"the helper exited with code {process.returncode}"
     with _lock:
       unfinished = [n for f in _taken for n in _nodeids[f] if not _finished[n].is_set()]
+    # (Once every test it took has reported, its exit code does not matter: the session may
+    # have killed it while it was tearing down.)
+    if unfinished and process.returncode and not _failure:
+      _failure = f"the helper exited with code {process.returncode}"
     for nodeid in unfinished:
       with open(log_path) as f:
         tail = f.read()[-4000:]
