@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
-from test_train import StageRunner, one_level_config, runner  # real train steps on meshes
+from small_configs import minimal_base
+from test_train import StageRunner  # real train steps on meshes
 
 from configs import shapes as shapes_config
 from imagen_jax.config_files import load_sibling
@@ -258,12 +259,14 @@ def test_config_validation_on_two_slices():
 # ---- Two slices train exactly what one device trains. ----
 
 def test_steps_on_two_slices_equal_one_device():
-  # The SR stage's one-level U-Net of test_train.py's 4x2-mesh test, and its one-device
-  # runner as the reference and the initial state (shared: compiling a train step is most
-  # of this test's time): on one device, the multi-slice rules and the plain ones compute
-  # the same thing. The SR step is the base step plus the low-res conditioning.
-  single = runner("sr", {"data": 1, "fsdp": 1, "tensor": 1})
-  sliced = StageRunner(one_level_config(_multislice_tiny()), "sr", SLICES, jax.devices(),
+  # The minimal base U-Net (tests/small_configs.py): what the slice axis does to a train
+  # step (the batch and the gradient all-reduce over it, params replicated across it) does
+  # not depend on the model, and compiling the steps is most of this test's time. Its
+  # convolutions still shard over fsdp. On one device the multi-slice rules and the plain
+  # ones compute the same thing.
+  single = StageRunner(minimal_base(shapes_config.get_config("tiny")), "base",
+                       {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  sliced = StageRunner(minimal_base(_multislice_tiny()), "base", SLICES, jax.devices(),
                        like=single)
   assert sliced.mesh.axis_names[0] == "slice"
   assert [x.sharding.spec for x in jax.tree.leaves(sliced.state.params)

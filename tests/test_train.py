@@ -142,7 +142,7 @@ _RUNNERS = {}
 
 def runner(stage, mesh_shape):
   """One StageRunner of `one_level_config()` per stage and mesh for the whole session
-  (tests/test_multislice.py compares against the one-device runner too). Building one
+  (module-wide). Building one
   traces, compiles and initialises its train state (a sharded runner takes the one-device
   runner's); runs never change it (`run` takes and returns states)."""
   key = (stage, tuple(mesh_shape.items()))
@@ -155,9 +155,9 @@ def runner(stage, mesh_shape):
 
 def test_sr_steps_on_4x2_mesh_equal_one_device():
   # The SR stage: the base stage's step plus the low-res conditioning and its noise
-  # augmentation, so this covers both. tests/test_multislice.py runs it on two slices
-  # (batch over slice x data x fsdp) against the same one-device runner. Each mesh's train
-  # step costs ~12 s of compilation.
+  # augmentation, so this covers both. (tests/test_multislice.py runs the minimal base
+  # stage on two slices, batch over slice x data x fsdp, against one device.) Each mesh's
+  # train step costs ~12 s of compilation.
   sharded = runner("sr", MESH_4X2)
   single = runner("sr", MESH_1)
   # The batch really is split over 8 devices, and the params over fsdp where rules say so.
