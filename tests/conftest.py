@@ -43,8 +43,7 @@ def pytest_collection_modifyitems(session, config, items):
   in_process = [item for item in items if item not in waiting]
   items[:] = in_process + waiting
   # Once its jobs are done, the lane helps with the in-process tests.
-  if work_stealing.enabled():
-    work_stealing.plan(config, in_process)
+  if work_stealing.enabled() and work_stealing.plan(config, in_process):
     help_ = work_stealing.help_from_the_end
     background.start(help_, config._tmp_path_factory.mktemp(help_.__name__))
 

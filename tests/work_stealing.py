@@ -63,8 +63,9 @@ def _file(nodeid: str) -> str:
   return nodeid.split("::")[0]
 
 
-def plan(config, items) -> None:
-  """The session's in-process tests, in the order it will run them."""
+def plan(config, items) -> bool:
+  """The session's in-process tests, in the order it will run them. Returns whether there
+  are enough files for a helper."""
   _config.append(config)
   for item in items:
     path = _file(item.nodeid)
@@ -73,6 +74,7 @@ def plan(config, items) -> None:
       _nodeids[path] = []
     _nodeids[path].append(item.nodeid)
     _finished[item.nodeid] = threading.Event()
+  return len(_files) >= MIN_FILES
 
 
 def run_or_replay(item):
@@ -134,8 +136,9 @@ def help_from_the_end(directory) -> str:
   with open(log_path, "w") as log:
     process = background.popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "work_stealing",
-         f"--basetemp={os.path.join(directory, 'tmp')}", *files],
-        cwd=os.path.dirname(tests_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
+         f"--rootdir={_config[0].rootpath}", f"--basetemp={os.path.join(directory, 'tmp')}",
+         *files],
+        cwd=_config[0].rootpath, env=env, stdout=log, stderr=subprocess.STDOUT,
         pass_fds=(commands_r, reports_w))
   os.close(commands_r)
   os.close(reports_w)
@@ -170,7 +173,11 @@ def help_from_the_end(directory) -> str:
     process.wait(timeout=300)
     return f"ran {len(_taken)} of {len(files)} files"
   except Exception as e:  # pylint: disable=broad-except
-    _failure = f"the helper failed: {e}"
+    try:
+      process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      pass
+    _failure = f"the helper failed: {e} (exit code {process.poll()})"
     raise
   finally:
     if process.poll() is None:
@@ -179,8 +186,6 @@ def help_from_the_end(directory) -> str:
       unfinished = [n for f in _taken for n in _nodeids[f] if not _finished[n].is_set()]
     # (Once every test it took has reported, its exit code does not matter: the session may
     # have killed it while it was tearing down.)
-    if unfinished and process.returncode and not _failure:
-      _failure = f"the helper exited with code {process.returncode}"
     for nodeid in unfinished:
       with open(log_path) as f:
         tail = f.read()[-4000:]
