@@ -63,7 +63,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter):
   import background  # tests/background.py
-
   import work_stealing  # tests/work_stealing.py
 
   for line in (background.summary(), work_stealing.summary()):

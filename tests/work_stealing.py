@@ -13,9 +13,9 @@ had run them; a helper that dies fails the tests it had taken, with its log.
 Both processes share the persistent compilation cache and have 8 simulated devices, so the
 helper loads what the session has already compiled.
 
-`TESTS_HELPER=0` turns the helper off. This module is also the helper's pytest plugin (`-p work_stealing`): it keeps the node ids
-it was given, reads file names on one pipe, runs their tests and writes the serialized
-reports on another.
+`TESTS_HELPER=0` turns the helper off. This module is also the helper's pytest plugin
+(`-p work_stealing`): it keeps the node ids it was given, reads file names on one pipe,
+runs their tests and writes the serialized reports on another.
 """
 from __future__ import annotations
 
@@ -169,6 +169,10 @@ def help_from_the_end(directory) -> str:
           _finished[report.nodeid].set()
       else:
         raise RuntimeError(f"it exited while running {current}")
+      for nodeid in _nodeids[current]:  # e.g. not collected in the helper
+        if not _finished[nodeid].is_set():
+          _fail(nodeid, f"The helper pytest process finished {current} without reporting "
+                        f"this test; its log: {log_path}")
     commands.close()
     process.wait(timeout=300)
     return f"ran {len(_taken)} of {len(files)} files"
@@ -186,9 +190,10 @@ def help_from_the_end(directory) -> str:
       unfinished = [n for f in _taken for n in _nodeids[f] if not _finished[n].is_set()]
     # (Once every test it took has reported, its exit code does not matter: the session may
     # have killed it while it was tearing down.)
-    for nodeid in unfinished:
+    if unfinished:
       with open(log_path) as f:
         tail = f.read()[-4000:]
+    for nodeid in unfinished:
       _fail(nodeid, f"The helper pytest process (tests/work_stealing.py) stopped before "
                     f"finishing this test: {_failure or 'it exited'}. Its log ({log_path}) "
                     f"ends:\n{tail}")
