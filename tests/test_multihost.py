@@ -8,7 +8,8 @@ the same losses and train state; one TensorBoard writer and one sample grid writ
 same step, and 2 hosts resume that checkpoint and still match.
 
 One run of 3 hosts that is preempted and resumed on 2 covers both layouts: each process
-costs ~45 CPU-seconds of imports, compilation and training on 2 cores (hosts other than 0
+costs ~30 CPU-seconds of imports, compilation and training on 2 cores (~45 with 4 hosts of
+2 devices, what this test ran before: 322 CPU-s in all, now 202; hosts other than 0
 never find their programs in JAX's persistent compilation cache, which only process 0
 writes; JAX's jax_share_binary_between_hosts, which would compile on host 0 only, hangs
 here: the hosts also compile host-local programs that host 0 does not). So 3 hosts rather
