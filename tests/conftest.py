@@ -4,10 +4,9 @@ Both must be set before jax is imported anywhere, which is why they live here.
 """
 import os
 
-# Level 0 of XLA's CPU backend optimisation compiles ~4x faster; test shapes are tiny, so
-# compile time, not run time, is what the suite spends.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+from fast_compile import xla_flags  # tests/fast_compile.py: why these flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "imagen_jax_jit"))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import background
+from fast_compile import xla_flags
 from small_configs import minimal_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The entry points run as on a laptop: one CPU device per core (config.cpu_devices), so the
 # trained cascade is evaluated and sampled on one device after training on several.
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

@@ -25,6 +25,7 @@ from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import example_inputs
 from imagen_jax.train.state import create_train_state, make_optimizer
 from imagen_jax.train.step import make_train_step, text_features
+from fast_compile import xla_flags
 from small_configs import minimal_base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ CLI_SIZES = dict(train_size=12, validation_size=4, held_out_size=4)
 
 def start_cli(tmp):
   """python -m imagen_jax.encode_text on a training config's stage (its generated set)."""
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags())
   return subprocess.Popen(
       [sys.executable, "-m", "imagen_jax.encode_text", "--config=configs/shapes.py:tiny",
        f"--config.data_dir={tmp / 'cli_tfds'}", "--stage=base", "--split=train",

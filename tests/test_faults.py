@@ -31,6 +31,7 @@ from imagen_jax.train import stages as stages_lib
 from imagen_jax.train.loop import prepare_stage, train_stage
 
 import background
+from fast_compile import xla_flags
 from small_configs import minimal_base, minimal_base_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,7 +357,7 @@ def _train_command(workdir, data_dir):
 # One CPU device (config.cpu_devices=0): what these runs prove does not depend on the
 # devices, and one device's train step compiles faster than a partitioned one. The
 # persistent compilation cache of conftest.py.
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0",
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

@@ -44,6 +44,7 @@ from imagen_jax.data import pipeline
 from imagen_jax.train import faults
 
 import background
+from fast_compile import xla_flags
 from small_configs import minimal_base_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +76,7 @@ def _command(workdir, data_dir, train, extra=()):
 
 def _env(local_devices):
   return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "
-                        "--xla_backend_optimization_level=0",
+              XLA_FLAGS=xla_flags(local_devices),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

@@ -1,0 +1,24 @@
+"""The XLA flags of every test process: conftest.py sets them for the session, and the
+tests that start subprocesses (the command lines, several hosts) pass them on.
+
+Test programs are tiny and most run once or a few times, so compile time, not run time,
+is what the suite spends (about half its CPU time):
+- `--xla_backend_optimization_level=0`: without LLVM's optimisations XLA's CPU backend
+  compiles ~4x faster.
+- `--xla_cpu_use_fusion_emitters=false`: XLA's newer CPU fusion emitters build and run an
+  MLIR pass pipeline per fusion, and a train step has ~14 fusions per parameter (the
+  optimizer's bookkeeping is per leaf). The LLVM IR emitters compile the same programs
+  for about half the CPU time: the minimal base's train step 10.1 -> 4.9 CPU-s, one
+  `python -m imagen_jax.train` of it 41 -> 35 (2-core CPU, cold cache, session 11).
+  The newer emitters also compile in parallel threads, which hides their cost in wall
+  time (session 9 measured wall time and saw no gain); the suite keeps both cores busy,
+  so CPU time is what counts.
+"""
+FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS of a test process; `devices`: simulated CPU devices (None: XLA's one, or
+  what the process's config.cpu_devices asks for)."""
+  count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
+  return count + FLAGS
