@@ -14,6 +14,8 @@ import pytest
 
 from imagen_jax import diffusion as D
 
+from fast_compile import compile_sampler
+
 
 # ---------------------------------------------------------------------------------------
 # Independent references.
@@ -252,7 +254,9 @@ def draw(sampler, prediction, steps, schedule="cosine", seed=0):
       D.sample, fn, shape=(NUM_SAMPLES, 1, 1, 5), cond={}, schedule=schedule,
       prediction=prediction, sampler=sampler, steps=steps, thresholding="none",
       clip_final=False))
-  return np.asarray(run(jax.random.key(seed))).reshape(NUM_SAMPLES, 5)
+  key = jax.random.key(seed)
+  compiled = compile_sampler(run, key, calls=D.make_plan(sampler, steps).calls)
+  return np.asarray(compiled(key)).reshape(NUM_SAMPLES, 5)
 
 
 @pytest.mark.parametrize("sampler,prediction,schedule", [

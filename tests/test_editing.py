@@ -34,6 +34,8 @@ from PIL import Image
 
 from imagen_jax import diffusion as D
 
+from fast_compile import compile_sampler
+
 MEAN_TOL, COV_TOL = 0.03, 0.06
 N = 20000
 MU = np.array([0.4, -0.3, 0.1])
@@ -144,11 +146,7 @@ def inpaint_gaussian(sigma, known, sampler, steps, resample_steps=1, eta=0.0, n=
       sampler=sampler, steps=steps, eta=eta, thresholding="none", clip_final=False,
       known=(x0_known, jnp.asarray(KEEP, jnp.float32)), resample_steps=resample_steps))
   keys = jax.random.split(jax.random.key(0), n)
-  # Hundreds of steps on 20000 samples: XLA's backend optimisations (off in the test suite,
-  # conftest.py) halve the run time there for less than a second of compile time.
-  calls = D.make_plan(sampler, steps, resample_steps).calls
-  compiled = run.lower(keys).compile(
-      {"xla_backend_optimization_level": 1} if calls > 100 else None)
+  compiled = compile_sampler(run, keys, calls=D.make_plan(sampler, steps, resample_steps).calls)
   x = np.asarray(compiled(keys)).reshape(n, 3)
   assert np.all(x[:, KEEP] == np.float32(known[KEEP])), "kept coordinate not exact"
   return x

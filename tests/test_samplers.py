@@ -15,6 +15,8 @@ import pytest
 
 from imagen_jax import diffusion as D
 
+from fast_compile import compile_sampler
+
 MU = np.array([0.4, -0.3, 0.1])
 _ROTATION = np.linalg.qr(np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))[0]
 SIGMA = _ROTATION @ np.diag([0.04, 0.16, 0.49]) @ _ROTATION.T   # correlated, non-isotropic
@@ -74,7 +76,9 @@ def draw(sampler, eta, prediction, steps, n=NUM_SAMPLES, schedule="cosine", grid
       D.sample, fn, shape=(n, 1, 1, 3), cond={}, schedule=schedule, prediction=prediction,
       sampler=sampler, steps=steps, eta=eta, thresholding="none", clip_final=False,
       time_grid=grid))
-  return np.asarray(run(sample_keys(n))).reshape(n, 3)
+  keys = sample_keys(n)
+  compiled = compile_sampler(run, keys, calls=D.make_plan(sampler, steps).calls)
+  return np.asarray(compiled(keys)).reshape(n, 3)
 
 
 def sample_keys(n):
