@@ -8,14 +8,14 @@ the same losses and train state; one TensorBoard writer and one sample grid writ
 same step, and 2 hosts resume that checkpoint and still match.
 
 One run of 3 hosts that is preempted and resumed on 2 covers both layouts: each process
-costs ~30 CPU-seconds of imports, compilation and training on 2 cores (~45 with 4 hosts of
-2 devices, what this test ran before: 322 CPU-s in all, now 202; hosts other than 0
-never find their programs in JAX's persistent compilation cache, which only process 0
-writes; JAX's jax_share_binary_between_hosts, which would compile on host 0 only, hangs
-here: the hosts also compile host-local programs that host 0 does not). So 3 hosts rather
-than 4: every multi-host path is the same, for one process less. The processes run in the
-background lane (tests/background.py) from the start of the session; the test compares
-what they leave at the end.
+costs ~28 CPU-seconds of imports, compilation and training on 2 cores in the suite (~45
+with 4 hosts of 2 devices, what this test ran before: 322 CPU-s alone, 202 with 3 hosts;
+hosts other than 0 never find their programs in JAX's persistent compilation cache,
+which only process 0 writes; JAX's jax_share_binary_between_hosts, which would compile on
+host 0 only, hangs here: the hosts also compile host-local programs that host 0 does
+not). So 3 hosts rather than 4: every multi-host path is the same, for one process less.
+The processes run in the background lane (tests/background.py) from the start of the
+session; the test compares what they leave at the end.
 
 Tolerance: not bit for bit. The hosts' gradient all-reduce runs over gloo, which sums in
 another order than XLA's in-process all-reduce, so values differ in the last bits: losses
