@@ -8,8 +8,9 @@ is what the suite spends (about half its CPU time):
 - `--xla_cpu_use_fusion_emitters=false`: XLA's newer CPU fusion emitters build and run an
   MLIR pass pipeline per fusion, and a train step has ~14 fusions per parameter (the
   optimizer's bookkeeping is per leaf). The LLVM IR emitters compile the same programs
-  for about half the CPU time: the minimal base's train step 10.1 -> 4.9 CPU-s, one
-  `python -m imagen_jax.train` of it 41 -> 35 (2-core CPU, cold cache, session 11).
+  for about half the CPU time: the minimal base's train step 10.0-10.4 -> 4.9-5.9 CPU-s
+  (three compiles each), one `python -m imagen_jax.train` of it 41 -> 35 (2-core CPU,
+  cold cache, session 11).
   The newer emitters also compile in parallel threads, which hides their cost in wall
   time (session 9 measured wall time and saw no gain); the suite keeps both cores busy,
   so CPU time is what counts.
