@@ -90,5 +90,70 @@ def run_peer(python: str, spec: dict, *, env: dict | None = None, timeout: float
                      f"{proc.stderr[-5000:]}")
 
 
+class InterleavedPeer:
+  """The peer as a running process whose timed rounds the caller interleaves with its own:
+
+    with InterleavedPeer(python, {**spec, "rounds": R}) as peer:   # builds, warms up
+      for _ in range(R):
+        ... our steps ...;  peer_times = peer.round()               # its `steps` steps
+    result = peer.result                                            # as run_peer's
+
+  Both processes hold their memory the whole time (fine on a CPU; on an accelerator only
+  when both models fit at once). The peer's stderr goes to a file, so a chatty peer cannot
+  fill a pipe and stall; its tail is in the error if the peer dies."""
+
+  def __init__(self, python: str, spec: dict):
+    import tempfile
+    if not spec.get("rounds"):
+      raise ValueError("InterleavedPeer needs spec['rounds'] >= 1")
+    self.rounds, self.result = spec["rounds"], None
+    env = dict(os.environ)
+    if spec.get("device") == "cpu":  # as run_peer
+      env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    self._proc = subprocess.Popen(
+        [python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"), json.dumps(spec)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        env=env)
+    self._stdout = []
+    self._expect("PEER_READY")
+
+  def _expect(self, prefix: str) -> str:
+    """The rest of the peer's next stdout line starting with `prefix`."""
+    for line in self._proc.stdout:
+      self._stdout.append(line)
+      if line.startswith(prefix):
+        return line[len(prefix):].strip()
+    self._proc.wait(timeout=60)
+    self._stderr.seek(0)
+    raise RuntimeError(f"the peer ended (exit {self._proc.returncode}) before "
+                       f"{prefix.strip()!r}:\n{''.join(self._stdout)[-3000:]}\n"
+                       f"{self._stderr.read()[-5000:]}")
+
+  def round(self) -> list:
+    """Runs one round of the peer's timed steps; returns their times (seconds)."""
+    self._proc.stdin.write("go\n")
+    self._proc.stdin.flush()
+    times = json.loads(self._expect("PEER_ROUND "))
+    self.rounds -= 1
+    if not self.rounds:
+      self.result = json.loads(self._expect("PEER_RESULT "))
+    return times
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False
+
+  def close(self):
+    """Ends the peer (killed if it still has rounds to run)."""
+    if self._proc.poll() is None and self.rounds:
+      self._proc.kill()
+    self._proc.wait()
+    self._stderr.close()
+
+
 if __name__ == "__main__":  # python bench/peer_env.py [VENV_DIR]: just make the venv
   print(make_peer_python(*(sys.argv[1:2] or [DEFAULT_VENV])))

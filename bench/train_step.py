@@ -50,6 +50,10 @@ flags.DEFINE_string("peer_venv", "", "Where to make the peer's venv (default ~/.
 flags.DEFINE_string("peer_wheels", "", "Install the peer offline from these wheels.")
 flags.DEFINE_bool("peer_system_site_packages", False, "Peer venv sees the system's torch.")
 flags.DEFINE_integer("peer_threads", 0, "torch threads for a CPU peer (0: the core count).")
+flags.DEFINE_integer("rounds", 0, "With --peer: time the precomputed mode and the peer in this "
+                     "many interleaved rounds of --steps each (both processes alive at once), "
+                     "so that a machine's drifting speed falls on both; 0: the peer runs "
+                     "first, alone, then ours.")
 flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
 flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps steps of each text mode "
                     "with jax.profiler into DIR/<mode> and print where their time goes "
@@ -58,16 +62,16 @@ flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
 FLAGS = flags.FLAGS
 
 
-def time_steps(compiled, state, batch, text_params):
+def time_steps(compiled, state, batch, text_params, steps: int):
+  """Runs `steps` steps; returns (their times, the last metrics, the new state)."""
   import jax
-  times = []
-  for i in range(FLAGS.warmup + FLAGS.steps):
+  times, metrics = [], None
+  for _ in range(steps):
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch, text_params)
     jax.block_until_ready(metrics)
-    if i >= FLAGS.warmup:
-      times.append(time.perf_counter() - t0)
-  return statistics.median(times), times, metrics, state
+    times.append(time.perf_counter() - t0)
+  return times, metrics, state
 
 
 def profile_steps(compiled, state, batch, text_params, mode: str, log) -> dict:
@@ -93,8 +97,12 @@ def profile_steps(compiled, state, batch, text_params, mode: str, log) -> dict:
   return summary
 
 
-def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
-  """One text mode of our step: builds the state, compiles, times. Returns figures."""
+def run_ours(config, spec, mode: str, batch_size: int, log, peer=None) -> dict:
+  """One text mode of our step: builds the state, compiles, times. Returns figures.
+
+  With `peer` (a peer_env.InterleavedPeer) the timed steps come in its rounds, our
+  --steps and then its, alternating which goes first (so a drift within a round falls
+  on both); the run then also holds the peer's times and the ratio of each round."""
   import flax.linen as nn
   import jax
   import numpy as np
@@ -146,7 +154,21 @@ def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
                            state, batch, text_params).compile()
   compile_s = time.perf_counter() - t0
   log(f"{mode}: init {init_s:.1f} s, compile {compile_s:.1f} s; timing {FLAGS.steps} steps")
-  step_s, times, metrics, state = time_steps(compiled, state, batch, text_params)
+  _, metrics, state = time_steps(compiled, state, batch, text_params, FLAGS.warmup)
+  times, round_ratios, peer_times = [], [], []
+  for i in range(peer.rounds if peer else 1):
+    if peer and i % 2:
+      peer_round = peer.round()
+    round_times, metrics, state = time_steps(compiled, state, batch, text_params, FLAGS.steps)
+    if peer:
+      if not i % 2:
+        peer_round = peer.round()
+      peer_times += peer_round
+      round_ratios.append(statistics.median(peer_round) / statistics.median(round_times))
+      log(f"{mode}: round {i + 1}: ours {statistics.median(round_times):.3f} s, "
+          f"peer {statistics.median(peer_round):.3f} s per step")
+    times += round_times
+  step_s = statistics.median(times)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"{mode}: the loss is {loss}; the figures would be meaningless")
@@ -154,6 +176,8 @@ def run_ours(config, spec, mode: str, batch_size: int, log) -> dict:
              step_s_min=min(times), step_s_max=max(times), loss=loss,
              img_per_s=batch_size / step_s,
              img_per_s_per_device=batch_size / step_s / jax.device_count())
+  if peer:
+    run.update(times=times, peer_times=peer_times, round_ratios=round_ratios)
   if FLAGS.profile_dir:
     run["profile"] = profile_steps(compiled, state, batch, text_params, mode, log)
   return run
@@ -172,6 +196,22 @@ def peer_spec(config, spec, batch_size: int, device) -> dict:
       ema_decay=spec.optimizer.ema_decay,
       device="cuda" if device.platform == "gpu" else "cpu",
       threads=(FLAGS.peer_threads or os.cpu_count()) if device.platform == "cpu" else 0)
+
+
+def peer_result(peer: dict, peak: float, n: int, device) -> dict:
+  """The peer's own figures plus img/s, TFLOP/s and MFU on our terms."""
+  from imagen_jax import perf
+  peer["img_per_s"] = peer.pop("items_per_s")
+  peer["tflops_per_device"] = peer["train_flops_per_image"] * peer["img_per_s"] / 1e12
+  # The peer is one process on the whole host: on a CPU split into devices, its peak is
+  # all of theirs.
+  host_peak = peak * (n if device.platform == "cpu" else 1)
+  peer["mfu"] = perf.mfu(peer["train_flops_per_image"], peer["img_per_s"], host_peak)
+  if "peak_memory_bytes" in peer:
+    peer["peak_memory_gib"] = peer.pop("peak_memory_bytes") / 2**30
+  print(f"[train_step] peer result: {json.dumps(peer, default=float)}", file=sys.stderr,
+        flush=True)
+  return peer
 
 
 def main(argv):
@@ -214,7 +254,9 @@ def main(argv):
       params_m=sum(x.size for x in jax.tree.leaves(summarize.abstract_params(spec))) / 1e6,
       train_gflops_per_image=flops / 1e9, peak_tflops_per_device=peak, peak_source=peak_source,
       runs=[])
-  # The peer runs first, while this process holds no device memory yet (see main).
+  # The peer runs first, while this process holds no device memory yet (see main), or,
+  # with --rounds, beside ours in interleaved rounds.
+  interleaved = None
   if FLAGS.peer:
     from bench import peer_env
     python = FLAGS.peer_python or peer_env.make_peer_python(
@@ -222,24 +264,27 @@ def main(argv):
         system_site_packages=FLAGS.peer_system_site_packages, log=log)
     log(f"peer: imagen-pytorch in {python}")
     try:
-      peer = peer_env.run_peer(python, peer_spec(config, spec, batch_size, device))
-      peer["img_per_s"] = peer.pop("items_per_s")
-      peer["tflops_per_device"] = peer["train_flops_per_image"] * peer["img_per_s"] / 1e12
-      # The peer is one process on the whole host: on a CPU split into devices, its peak is
-      # all of theirs.
-      host_peak = peak * (n if device.platform == "cpu" else 1)
-      peer["mfu"] = perf.mfu(peer["train_flops_per_image"], peer["img_per_s"], host_peak)
-      if "peak_memory_bytes" in peer:
-        peer["peak_memory_gib"] = peer.pop("peak_memory_bytes") / 2**30
-      result["peer"] = peer
-      log("peer result: " + json.dumps(peer, default=float))
+      spec_json = peer_spec(config, spec, batch_size, device)
+      if FLAGS.rounds:
+        if "precomputed" not in FLAGS.text:
+          raise app.UsageError("--rounds interleaves the peer with --text=precomputed")
+        interleaved = peer_env.InterleavedPeer(python, {**spec_json, "rounds": FLAGS.rounds})
+      else:
+        result["peer"] = peer_result(peer_env.run_peer(python, spec_json), peak, n, device)
+    except app.UsageError:
+      raise
     except Exception as e:  # noqa: BLE001
       log(f"peer FAILED: {str(e)[:3000]}")
       result["peer"] = dict(error=str(e)[:1000])
   for mode in FLAGS.text:
+    peer = interleaved if mode == "precomputed" else None
     try:
-      run = run_ours(config, spec, mode, batch_size, log)
+      run = run_ours(config, spec, mode, batch_size, log, peer=peer)
+      if peer:
+        result["peer"] = peer_result(peer.result, peak, n, device)
     except Exception as e:  # noqa: BLE001  an OOM in one mode must not lose the other
+      if peer:
+        result["peer"] = dict(error=f"interleaved with ours: {str(e)[:1000]}")
       log(f"{mode}: FAILED: {type(e).__name__}: {str(e)[:500]}")
       result["runs"].append(dict(text=mode, error=f"{type(e).__name__}: {str(e)[:300]}"))
       continue
@@ -248,6 +293,8 @@ def main(argv):
     mem, what = perf.peak_memory(device)
     run.update(peak_memory_gib=mem / 2**30, peak_memory_kind=what)
     result["runs"].append(run)
+  if interleaved:
+    interleaved.close()
   ours = next((r for r in result["runs"] if r.get("text") == "precomputed"
                and "error" not in r), None)
   if ours and "img_per_s" in result.get("peer", {}):
@@ -286,6 +333,11 @@ def print_table(result):
           f"(their U-Net: {p['params_m']:.1f}M params, "
           f"{p['train_flops_per_image'] / 1e9:.2f} GFLOP/image; torch {p['torch']}, "
           f"{p['threads']} threads)")
+  ratios = next((r["round_ratios"] for r in result["runs"] if "round_ratios" in r), None)
+  if ratios:
+    print(f"per interleaved round ({len(ratios)} rounds): "
+          + " ".join(f"{x:.2f}x" for x in ratios)
+          + f"; ours ahead in {sum(x > 1 for x in ratios)} of {len(ratios)}")
 
 
 if __name__ == "__main__":

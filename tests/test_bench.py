@@ -101,6 +101,32 @@ def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
   assert peer["train_flops_per_image"] > 0 and peer["step_s"] > 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="imagen-pytorch is not installed (README's test command installs it)")
+def test_interleaved_peer_runs_its_rounds_on_demand():
+  """--rounds: the peer warms up, then times one round each time it is told "go", so that
+  bench/train_step.py can put its own steps between them; after the last it reports."""
+  sys.path.insert(0, ROOT)
+  from bench import peer_env
+  config = load_sibling(os.path.join(ROOT, "configs", "x.py"), "bench_cpu").get_config()
+  unet = dataclasses.replace(stages_lib.stage_spec(config, "base").unet, base_channels=16)
+  spec = dict(
+      mode="train", unet=dataclasses.asdict(unet), resolution=8, lowres_resolution=0,
+      batch=2, text_len=config.text.max_length, steps=2, warmup=0, dtype="float32",
+      prediction="v", schedule="cosine", cond_drop_prob=0.1, lr=1e-4, b1=0.9, b2=0.99,
+      eps=1e-8, grad_clip=1.0, ema_decay=0.999, device="cpu", threads=1, rounds=2)
+  with peer_env.InterleavedPeer(sys.executable, spec) as peer:
+    first = peer.round()
+    assert peer.result is None and peer.rounds == 1  # it waits for the next "go"
+    second = peer.round()
+  assert len(first) == len(second) == 2 and min(first + second) > 0
+  # The result covers every timed step of every round.
+  assert peer.result["step_s"] == pytest.approx(float(np.median(first + second)))
+  with pytest.raises(ValueError, match="rounds"):
+    peer_env.InterleavedPeer(sys.executable, {**spec, "rounds": 0})
+
+
 def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
   """bench/profile_summary.py on a real trace of a small data-parallel step on 2 devices:
   a 3x3 convolution (forward, and its weight gradient: the input is not differentiated),

@@ -9,6 +9,11 @@ Prints one JSON line (prefixed "PEER_RESULT ") with the figures. Modes: "train" 
 optimizer step, bench/train_step.py) and "sample" (one stage of imagen-pytorch's own
 DDPM sampling with `sample_steps` steps and guidance, bench/sample.py).
 
+With `"rounds": R` in the spec the timed steps come in R rounds of `steps`, each started
+by a line "go" on stdin and answered by "PEER_ROUND [times]" (after "PEER_READY" once
+the warm-up is done), so that the benchmark can interleave them with its own steps: on a
+machine whose speed drifts, both sides then see the same drift (bench/peer_env.py).
+
 How our U-Net config maps onto imagen-pytorch's `Unet` (the knobs both have):
   base_channels -> dim, channel_mults -> dim_mults, num_res_blocks -> num_resnet_blocks,
   cond_dim, text_dim -> text_embed_dim, self/cross_attn_levels -> layer_attns /
@@ -154,14 +159,31 @@ def main():
 
   if device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
-  times = []
-  for i in range(spec["warmup"] + spec["steps"]):
-    sync(torch, device)
-    t0 = time.perf_counter()
-    step()
-    sync(torch, device)
-    if i >= spec["warmup"]:
+
+  def timed(n):
+    times = []
+    for _ in range(n):
+      sync(torch, device)
+      t0 = time.perf_counter()
+      step()
+      sync(torch, device)
       times.append(time.perf_counter() - t0)
+    return times
+
+  timed(spec["warmup"])
+  rounds = spec.get("rounds", 0)
+  if rounds:  # interleaved with the benchmark's own steps: it says when (see above)
+    print("PEER_READY", flush=True)
+    times = []
+    for _ in range(rounds):
+      command = sys.stdin.readline().strip()
+      if command != "go":
+        raise SystemExit(f"imagen_pytorch_peer: expected 'go' on stdin, got {command!r}")
+      round_times = timed(spec["steps"])
+      times += round_times
+      print("PEER_ROUND " + json.dumps(round_times), flush=True)
+  else:
+    times = timed(spec["steps"])
   step_s = statistics.median(times)
   result.update(step_s=step_s, items_per_s=item / step_s, times=times)
   if device.startswith("cuda"):
