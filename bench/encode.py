@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from imagen_jax import host_malloc  # noqa: E402
+
 flags.DEFINE_string("preset", "base", "T5 v1.1 shape (imagen_jax.text.T5_PRESETS).")
 flags.DEFINE_integer("batch", 64, "Sequences per forward pass.")
 flags.DEFINE_integer("seq", 128, "Tokens per sequence.")
@@ -120,7 +122,8 @@ def main(argv):
       "jax_s_per_batch": round(statistics.median(times["jax"]), 4),
       "jax_tokens_per_s": round(tokens / statistics.median(times["jax"]), 1),
       "cpu": _cpu_name(), "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 2),
-      "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+      "jax_version": jax.__version__, "host_malloc": host_malloc.preloaded_allocator(),
+      "date": time.strftime("%Y-%m-%d"),
   }
   if model is not None:
     torch_s = statistics.median(times["torch"])
@@ -146,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   app.run(main)

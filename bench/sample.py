@@ -56,6 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from imagen_jax import host_malloc  # noqa: E402
+
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Cascade config (ignored "
                                 "with --workdir, which has its own).")
 flags.DEFINE_string("workdir", "", "Training workdir: time the trained cascade in it.")
@@ -286,6 +288,7 @@ def main(argv):
       "random init (seeded; timing only: trained weights run the same computation)",
       batch=FLAGS.batch, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
       device=device.device_kind, platform=device.platform, jax=jax.__version__,
+      host_malloc=host_malloc.preloaded_allocator(),
       text_len=config.text.max_length, text_dim=t5.d_model, stages=[], cascade=[])
 
   # The peer runs first, while this process holds no device memory yet (see above).
@@ -478,4 +481,5 @@ def print_table(result):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   app.run(main)

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from imagen_jax import host_malloc  # noqa: E402
+
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Cascade config.")
 flags.DEFINE_string("workdir", None, "Workdir (fresh for a fresh run).")
 FLAGS = flags.FLAGS
@@ -95,5 +97,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from imagen_jax import host_malloc  # noqa: E402
+
 config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Cascade config.")
 flags.DEFINE_string("stage", "base", "Stage to measure.")
 flags.DEFINE_integer("batch", 0, "Global batch (0: the stage's train.batch_size).")
@@ -251,6 +253,7 @@ def main(argv):
       text_len=config.text.max_length, text_dim=stages_lib.t5_config(config).d_model,
       device=device.device_kind, platform=device.platform, num_devices=n,
       mesh=dict(mesh.shape), jax=jax.__version__,
+      host_malloc=host_malloc.preloaded_allocator(),
       params_m=sum(x.size for x in jax.tree.leaves(summarize.abstract_params(spec))) / 1e6,
       train_gflops_per_image=flops / 1e9, peak_tflops_per_device=peak, peak_source=peak_source,
       runs=[])
@@ -313,6 +316,8 @@ def print_table(result):
         f" | {result['params_m']:.1f}M params, {result['train_gflops_per_image']:.2f} "
         f"GFLOP/image (train) | peak {result['peak_tflops_per_device']:.1f} TFLOP/s/device "
         f"({result['peak_source']})")
+  print(f"host malloc: {result['host_malloc']} (imagen_jax/host_malloc.py; the peer inherits "
+        "it)")
   print(f"{'run':<26}{'compile s':>10}{'step s':>9}{'img/s':>9}{'img/s/dev':>10}"
         f"{'TFLOP/s/dev':>12}{'MFU':>7}{'peak mem GiB':>13}")
   rows = [(f"imagen-jax, {r['text']}", r) for r in result["runs"]]
@@ -341,4 +346,5 @@ def print_table(result):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   app.run(main)

@@ -19,6 +19,8 @@ preemption skips the finished shards. Shard format and checks: imagen_jax/data/e
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imagen_jax import host_malloc
+
 config_flags.DEFINE_config_file(
     "config", None, "Training config: its config.text is the encoder (a checkpoint, or the "
     "seeded random weights training creates), config.text.max_length the length.",
@@ -146,4 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   app.run(main)

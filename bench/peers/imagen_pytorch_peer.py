@@ -102,7 +102,10 @@ def main():
                             enabled=spec["dtype"] == "bfloat16")
   result = dict(peer="imagen-pytorch", torch=torch.__version__, device=device,
                 params_m=round(sum(p.numel() for p in params) / 1e6, 3),
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(),
+                # Inherited from the benchmark (imagen_jax/host_malloc.py): both sides run
+                # on the same malloc.
+                ld_preload=os.environ.get("LD_PRELOAD", ""))
 
   if spec["mode"] == "train":
     opt = torch.optim.Adam(params, lr=spec["lr"], betas=(spec["b1"], spec["b2"]),

@@ -21,6 +21,8 @@ import os
 
 from absl import app, flags, logging
 
+from imagen_jax import host_malloc
+
 flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints.")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
@@ -138,5 +140,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -27,6 +27,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imagen_jax import host_malloc
+
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -107,5 +109,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec()  # tcmalloc when the machine has it: see imagen_jax/host_malloc.py
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
