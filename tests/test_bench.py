@@ -127,6 +127,30 @@ def test_interleaved_peer_runs_its_rounds_on_demand():
     peer_env.InterleavedPeer(sys.executable, {**spec, "rounds": 0})
 
 
+@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="imagen-pytorch is not installed (README's test command installs it)")
+def test_train_step_bench_interleaves_with_the_peer_end_to_end(tmp_path):
+  """The command of bench/README.md on the tiny shapes config: both sides timed in
+  alternating rounds, one figure per round, the ratio, and the malloc both ran on."""
+  import json
+  import subprocess
+  out = tmp_path / "result.json"
+  subprocess.run(
+      [sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
+       "--config=" + os.path.join(ROOT, "configs", "shapes.py") + ":tiny", "--peer",
+       f"--peer_python={sys.executable}", "--peer_threads=1", "--rounds=2", "--steps=1",
+       "--warmup=1", "--text=precomputed", f"--json_out={out}"],
+      cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+  result = json.loads(out.read_text())
+  (run,) = result["runs"]
+  assert len(run["round_ratios"]) == 2 and len(run["times"]) == len(run["peer_times"]) == 2
+  assert result["peer"]["step_s"] == pytest.approx(float(np.median(run["peer_times"])))
+  assert result["ratio_img_per_s"] == pytest.approx(
+      run["img_per_s"] / result["peer"]["img_per_s"])
+  assert result["host_malloc"]  # "glibc" or the preloaded library's path
+
+
 def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
   """bench/profile_summary.py on a real trace of a small data-parallel step on 2 devices:
   a 3x3 convolution (forward, and its weight gradient: the input is not differentiated),
