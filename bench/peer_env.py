@@ -71,18 +71,23 @@ def _importable(python: str, requirement: str) -> bool:
   return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
-def run_peer(python: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
-  """Runs bench/peers/imagen_pytorch_peer.py with `spec` in the peer's python; returns
-  its result (raises with the peer's output if it printed none).
+def _peer_command(python: str, spec: dict, env: dict | None = None) -> tuple[list, dict]:
+  """The peer's argv and environment (ours, which carries a preloaded malloc over).
 
   On a CPU the peer's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, unless the
   variable is set): spin-waiting threads made it 10-30x slower whenever another process
   held a core (bench/README.md), and JAX's own threads do not spin."""
   if spec.get("device") == "cpu":
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
-  proc = subprocess.run([python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"),
-                         json.dumps(spec)], capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
+  return ([python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"), json.dumps(spec)],
+          {**os.environ, **(env or {})})
+
+
+def run_peer(python: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
+  """Runs bench/peers/imagen_pytorch_peer.py with `spec` in the peer's python; returns
+  its result (raises with the peer's output if it printed none)."""
+  argv, env = _peer_command(python, spec, env)
+  proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith("PEER_RESULT "):
       return json.loads(line[len("PEER_RESULT "):])
@@ -107,14 +112,10 @@ class InterleavedPeer:
     if not spec.get("rounds"):
       raise ValueError("InterleavedPeer needs spec['rounds'] >= 1")
     self.rounds, self.result = spec["rounds"], None
-    env = dict(os.environ)
-    if spec.get("device") == "cpu":  # as run_peer
-      env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    argv, env = _peer_command(python, spec)
     self._stderr = tempfile.TemporaryFile(mode="w+")
-    self._proc = subprocess.Popen(
-        [python, os.path.join(PEER_DIR, "imagen_pytorch_peer.py"), json.dumps(spec)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-        env=env)
+    self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._stderr, text=True, env=env)
     self._stdout = []
     self._expect("PEER_READY")
 
