@@ -8,7 +8,7 @@ that large with a fresh mmap and unmaps them on free, so every step touches its 
 working set anew: in the 2-core benchmark, ~300K minor page faults (~1 GB) per step and
 ~10% of the CPU time in the kernel. glibc's tunables (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
 M_MMAP_MAX=0, one arena) did not remove them; tcmalloc keeps freed spans for reuse, and
-with it the same step takes 15-25% less time (bench/README.md, "Host allocator").
+with it a train step takes 8-23% less time (bench/README.md, "Host allocator").
 
 A malloc can only be replaced before anything allocates, hence the re-exec: `reexec()`,
 called first thing by an entry point, runs the same command again (same pid, argv and
