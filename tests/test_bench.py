@@ -17,6 +17,9 @@ from imagen_jax.models import layers
 from imagen_jax.train import stages as stages_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_peer = pytest.mark.skipif(
+    importlib.util.find_spec("imagen_pytorch") is None or importlib.util.find_spec("torch") is None,
+    reason="imagen-pytorch is not installed (README's test command installs it)")
 
 
 @pytest.mark.parametrize("kind, bf16, f32", [
@@ -77,9 +80,7 @@ def test_model_flops_ignore_remat_and_attention_kernel():
   assert 2.5 * forward < base < 3.5 * forward
 
 
-@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="imagen-pytorch is not installed (README's test command installs it)")
+@needs_peer
 def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
   """The peer maps our U-Net config onto imagen-pytorch's Unet and runs its training step
   (Adam, clipping, EMA) in a subprocess; here in this Python, for one timed step."""
@@ -101,9 +102,7 @@ def test_peer_trains_the_same_hyperparameters_in_imagen_pytorch():
   assert peer["train_flops_per_image"] > 0 and peer["step_s"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="imagen-pytorch is not installed (README's test command installs it)")
+@needs_peer
 def test_interleaved_peer_runs_its_rounds_on_demand():
   """--rounds: the peer warms up, then times one round each time it is told "go", so that
   bench/train_step.py can put its own steps between them; after the last it reports."""
@@ -127,9 +126,7 @@ def test_interleaved_peer_runs_its_rounds_on_demand():
     peer_env.InterleavedPeer(sys.executable, {**spec, "rounds": 0})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="imagen-pytorch is not installed (README's test command installs it)")
+@needs_peer
 def test_train_step_bench_interleaves_with_the_peer_end_to_end(tmp_path):
   """The command of bench/README.md on the tiny shapes config: both sides timed in
   alternating rounds, one figure per round, the ratio, and the malloc both ran on."""
