@@ -93,6 +93,33 @@ class Conv(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+@jax.custom_vjp
+def materialize_grad(x: jax.Array) -> jax.Array:
+  """The identity, whose gradient XLA computes once and stores instead of recomputing
+  it inside every consumer.
+
+  Why: along the residual stream each GroupNorm's input gradient is a sum of
+  elementwise terms that only becomes concrete in the next block down. XLA fuses such
+  chains into each of their consumers (the convs' and dots' gradient inputs and the
+  next GroupNorm's reductions), so on the CPU a chain of a dozen GroupNorm backward
+  terms was recomputed 4+ times per tensor: ~0.25 s of a 2.2 s step, in fusions of 300+
+  ops (bench/README.md, session 14). An optimization barrier on the cotangent ends each
+  chain where it is made. Values are unchanged; only fusion decisions change.
+  """
+  return x
+
+
+def _materialize_grad_fwd(x):
+  return x, None
+
+
+def _materialize_grad_bwd(_, g):
+  return (jax.lax.optimization_barrier(g),)
+
+
+materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+
+
 def groups_for(channels: int, num_groups: int) -> int:
   """GroupNorm groups for `channels`: `num_groups` clipped to divide `channels`.
 
@@ -128,6 +155,7 @@ class GroupNorm(nn.Module):
       stat_g = stat_c.reshape(batch, groups, per_group).mean(-1)
       return jnp.repeat(stat_g, per_group, axis=-1)
 
+    x = materialize_grad(x)  # see materialize_grad: each GroupNorm's dx computed once
     xf = x.astype(jnp.float32)
     mean = pool_groups(jnp.mean(xf, axis=spatial))
     var = pool_groups(jnp.mean(jnp.square(xf - mean.reshape(bshape)), axis=spatial))
