@@ -16,7 +16,12 @@ is. Each event is put in one category:
   copy / transpose              fusions that only move data (layouts, concatenations)
   elementwise / reduce          everything else (norms, activations, the optimizer, EMA)
 
-and reported in seconds per step per device, with the top instructions.
+and reported in seconds per step per device, with the top instructions. On a GPU the
+convolutions and most matmuls are library calls (`custom-call`s to cuDNN / cuBLAS), put in
+the same categories by their target (`__cudnn$convBackwardFilter` is a weight gradient,
+a fused attention kernel `__cudnn$fmha...` a matmul), and only the device's own timeline
+counts: its kernels carry their HLO instruction in an `hlo_op` stat, while the host's
+events there are launches.
 `bench/train_step.py --profile_dir=DIR` writes a trace and prints this table;
 `python bench/profile_summary.py --trace_dir=DIR --hlo=FILE --steps=N` reads one back.
 """
@@ -36,6 +41,12 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _DATA_MOVES = {"copy", "transpose", "bitcast", "concatenate", "slice", "pad", "reshape",
                "broadcast", "dynamic-slice", "dynamic-update-slice", "parameter", "tuple",
                "get-tuple-element", "constant", "iota"}
+# Library calls (a GPU's convolutions and matmuls) by a marker in their custom-call target;
+# first match wins, so the backward convolutions come before the forward ones.
+_LIBRARY_CALLS = (("$convBackwardFilter", "convolution, weight gradient"),
+                  ("$convBackwardInput", "convolution, input gradient"),
+                  ("$conv", "convolution, forward"),
+                  ("$fmha", "matmul"), ("cublas", "matmul"), ("gemm", "matmul"))
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
@@ -57,9 +68,9 @@ def _opcode(rhs: str) -> str:
 
 
 def parse_hlo(hlo_text: str) -> dict[str, dict]:
-  """{instruction name: {"opcode", "op_name", "window", "inner"}} of every instruction in
-  an HLO module's text; "inner" lists the instructions of the computation it calls (a
-  fusion's body), empty for the others."""
+  """{instruction name: {"opcode", "op_name", "window", "target", "inner"}} of every
+  instruction in an HLO module's text ("target": a custom call's); "inner" lists the
+  instructions of the computation it calls (a fusion's body), empty for the others."""
   ops, computations, current = {}, {}, None
   for line in hlo_text.splitlines():
     if current is None or line.startswith(("ENTRY", "%")) and line.rstrip().endswith("{"):
@@ -78,9 +89,11 @@ def parse_hlo(hlo_text: str) -> dict[str, dict]:
     op_name = re.search(r'op_name="([^"]*)"', rhs)
     calls = re.search(r"calls=%?([\w.\-]+)", rhs)
     window = re.search(r"window=\{size=([\dx]+)", rhs)
+    target = re.search(r'custom_call_target="([^"]*)"', rhs)
     ops[name] = dict(opcode=_opcode(rhs), op_name=op_name.group(1) if op_name else "",
                      calls=calls.group(1) if calls else "",
-                     window=window.group(1) if window else "")
+                     window=window.group(1) if window else "",
+                     target=target.group(1) if target else "")
     computations[current].append(name)
   for op in ops.values():
     op["inner"] = [ops[i] for i in computations.get(op.pop("calls"), ())]
@@ -92,6 +105,10 @@ def categorize(op: dict) -> str:
   opcodes = {op["opcode"]} | {i["opcode"] for i in op["inner"]}
   if any(o.startswith(_COLLECTIVES) for o in opcodes):  # also their -start / -done halves
     return "collective"
+  for target in [op["target"]] + [i["target"] for i in op["inner"]]:
+    for marker, category in _LIBRARY_CALLS:
+      if marker in target:
+        return category
   convs = [i for i in [op] + op["inner"] if i["opcode"] == "convolution"]
   if convs:
     window = convs[0]["window"]
@@ -113,18 +130,40 @@ def trace_file(trace_dir: str) -> str:
   return paths[-1]  # the newest
 
 
-def op_seconds(trace_dir: str, names) -> collections.Counter:
-  """Total seconds of the trace's events named like an HLO instruction in `names`, over
-  every device and thread (XLA's own bookkeeping events are left out)."""
-  import jax
-  data = jax.profiler.ProfileData.from_file(trace_file(trace_dir))
+def hlo_op(event) -> str:
+  """The HLO instruction an event ran: its `hlo_op` stat (XLA's CPU thunks and GPU kernels
+  carry one), else its name."""
+  for name, value in event.stats:
+    if name == "hlo_op":
+      return value
+  return event.name
+
+
+def device_planes(planes) -> list:
+  """The planes that time the devices: an accelerator's own (`/device:GPU:0`, ...), or on
+  a CPU, where XLA runs each instruction on host threads, every plane."""
+  planes = list(planes)
+  return [p for p in planes if p.name.startswith("/device:")] or planes
+
+
+def event_seconds(planes, names) -> collections.Counter:
+  """Total seconds of the events of `device_planes` that ran an HLO instruction in `names`,
+  over every device and thread (XLA's own bookkeeping events are left out)."""
   total = collections.Counter()
-  for plane in data.planes:
+  for plane in device_planes(planes):
     for line in plane.lines:
       for event in line.events:
-        if event.name in names:
-          total[event.name] += event.duration_ns * 1e-9
+        op = hlo_op(event)
+        if op in names:
+          total[op] += event.duration_ns * 1e-9
   return total
+
+
+def op_seconds(trace_dir: str, names) -> collections.Counter:
+  """`event_seconds` of the newest trace under `trace_dir`."""
+  import jax
+  data = jax.profiler.ProfileData.from_file(trace_file(trace_dir))
+  return event_seconds(data.planes, names)
 
 
 def summarize(trace_dir: str, hlo_text: str, *, steps: int, num_devices: int) -> dict:

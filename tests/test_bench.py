@@ -187,3 +187,65 @@ def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
   assert "convolution, weight gradient" in text and "per step per device" in text
   with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
     profile_summary.summarize(str(tmp_path / "empty"), step.as_text(), steps=1, num_devices=1)
+
+
+GPU_HLO = """HloModule jit_train_step
+
+%fused_add (param_0: bf16[4,32,32,32], param_1: bf16[4,32,32,32]) -> bf16[4,32,32,32] {
+  %param_0 = bf16[4,32,32,32]{3,2,1,0} parameter(0)
+  %param_1 = bf16[4,32,32,32]{3,2,1,0} parameter(1)
+  ROOT %add.1 = bf16[4,32,32,32]{3,2,1,0} add(%param_0, %param_1)
+}
+
+ENTRY %main (p0: bf16[4,32,32,64], p1: bf16[4,32,32,32], p2: bf16[3,3,64,32]) -> bf16[3,3,64,32] {
+  %p0 = bf16[4,32,32,64]{3,2,1,0} parameter(0)
+  %p1 = bf16[4,32,32,32]{3,2,1,0} parameter(1)
+  %p2 = bf16[3,3,64,32]{3,2,1,0} parameter(2)
+  %custom-call.1 = (bf16[3,3,64,32]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(UNet))/conv"}
+  %custom-call.2 = (bf16[4,32,32,64]{3,2,1,0}, u8[0]{0}) custom-call(%p1, %p2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01oi->b01f, custom_call_target="__cudnn$convBackwardInput"
+  %custom-call.3 = (bf16[4,32,32,32]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %custom-call.4 = (bf16[4096,32]{1,0}, s8[4194304]{0}) custom-call(%p0, %p2), custom_call_target="__cublas$lt$matmul"
+  %gte.3 = bf16[4,32,32,32]{3,2,1,0} get-tuple-element(%custom-call.3), index=0
+  %loop_add_fusion = bf16[4,32,32,32]{3,2,1,0} fusion(%gte.3, %p1), kind=kLoop, calls=%fused_add
+  ROOT %gte.1 = bf16[3,3,64,32]{3,2,1,0} get-tuple-element(%custom-call.1), index=0
+}
+"""
+
+
+def test_profile_summary_reads_a_gpu_trace_by_its_kernels():
+  """On a GPU the convolutions and matmuls are cuDNN / cuBLAS custom calls, one HLO
+  instruction may run several kernels, and the host's launch events carry the same
+  `hlo_op`: only the device's kernels count, summed per instruction and categorised by
+  the call's target."""
+  import collections
+  sys.path.insert(0, ROOT)
+  from bench import profile_summary
+  Plane = collections.namedtuple("Plane", "name lines")
+  Line = collections.namedtuple("Line", "name events")
+  Event = collections.namedtuple("Event", "name duration_ns stats")
+  kernel = lambda name, op, ns: Event(name, ns, [("hlo_op", op), ("hlo_module", "jit_step")])
+  host = Plane("/host:CPU", [Line("launches", [
+      kernel("custom-call.1", "custom-call.1", 10**9),
+      kernel("other", "loop_add_fusion", 10**9)])])
+  gpu = Plane("/device:GPU:0", [Line("Stream #13", [
+      kernel("sm90_xmma_wgrad_a", "custom-call.1", 3000),
+      kernel("sm90_xmma_wgrad_b", "custom-call.1", 1000),
+      kernel("sm90_xmma_dgrad", "custom-call.2", 2000),
+      kernel("sm90_xmma_fprop", "custom-call.3", 1500),
+      kernel("sm90_gemm", "custom-call.4", 700),
+      kernel("loop_add_fusion", "loop_add_fusion", 300),
+      Event("MemcpyD2D", 5000, [])])])
+  ops = profile_summary.parse_hlo(GPU_HLO)
+  seconds = profile_summary.event_seconds([host, gpu], set(ops))
+  assert seconds == pytest.approx({"custom-call.1": 4000e-9, "custom-call.2": 2000e-9,
+                                   "custom-call.3": 1500e-9, "custom-call.4": 700e-9,
+                                   "loop_add_fusion": 300e-9})
+  categories = {name: profile_summary.categorize(ops[name]) for name in seconds}
+  assert categories == {"custom-call.1": "convolution, weight gradient",
+                        "custom-call.2": "convolution, input gradient",
+                        "custom-call.3": "convolution, forward", "custom-call.4": "matmul",
+                        "loop_add_fusion": "elementwise / reduce"}
+  # On a CPU there is no device plane: the host's thunk events are the instructions.
+  assert profile_summary.event_seconds([host], {"custom-call.1"}) == pytest.approx(
+      {"custom-call.1": 1.0})
+
