@@ -88,3 +88,31 @@ def test_any_resolution_and_named_configs(data_dir):
     ex = next(task.get_dataset({"text_tokens": 16}, split="train", shuffle=False).as_numpy_iterator())
     assert ex["image"].shape == (24, 24, 3)
     seqio.TaskRegistry.remove("shapes_24_test")
+
+
+
+
+def test_first_examples_reads_a_prefix_without_a_partial_cache(tmp_path):
+    """pipeline.first_examples (sample grids, evaluation) takes the first n examples of a
+    split. seqio caches small splits in memory unless told not to, and a cache read only in
+    part makes tf.data warn of 'unexpected truncation' at every call (the main job printed
+    it six times; the tests hide TF's warnings, so the graph is checked for the cache)."""
+    from imagen_jax.data import pipeline
+    sizes = dict(SIZES, validation_size=30)
+    shapes_tfds.Shapes(config=shapes_tfds.make_config(16, **sizes),
+                       data_dir=str(tmp_path)).download_and_prepare()
+    tasks.register_shapes_task(16, data_dir=str(tmp_path), task_name="shapes_16_prefix", **sizes)
+    task = seqio.get_mixture_or_task("shapes_16_prefix")
+    ds = pipeline.dataset(task, "validation", max_length=32, shuffle=False, seed=None,
+                          num_epochs=1, shard_by_host=False)
+    assert b"CacheDataset" not in ds._as_serialized_graph().numpy()
+    batch = pipeline.first_examples(task, "validation", 3, max_length=32)
+    assert seqio.utils._TFDS_DATA_READ_CONFIG_OVERRIDE is None  # put back: process-wide
+    whole = task.get_dataset(sequence_length={"text_tokens": 32}, split="validation",
+                             shuffle=False)
+    first = [ex["key"] for ex in whole.take(3).as_numpy_iterator()]  # the files' order
+    assert list(batch["key"]) == first
+    for image, key in zip(batch["image"], batch["key"]):
+        index = int(key.decode().split("/")[1])
+        expected = shapes.example(shapes_tfds.DEFAULT_SEED, "validation", index, 16)
+        np.testing.assert_array_equal(image, expected["image"])

@@ -11,6 +11,8 @@ nothing replayed, and the stream does not depend on the number of hosts.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import dataclasses
 import os
 import re
 import struct
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
 
 from imagen_jax.data import embeddings, shapes_tfds, tasks
@@ -67,6 +70,29 @@ def register_embeddings_task(config, stage: str) -> seqio.Task:
       max_length=config.text.max_length, resolution=s.resolution)
 
 
+_TFDS_READ_CONFIG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_tfds_autocache():
+  """Datasets built inside read TFDS splits without TFDS's in-memory cache.
+
+  Both seqio (`try_in_mem_cache`) and TFDS (`ReadConfig.try_autocache`) cache a small split
+  read in file order. Callers of `dataset` read a prefix (`first_examples`), and a cache
+  read in part is thrown away with a warning of "unexpected truncation" per cache at every
+  call. seqio takes a TFDS read config only process-wide, so it is set while the dataset is
+  built (the read config is consumed then) and put back after.
+  """
+  with _TFDS_READ_CONFIG_LOCK:
+    previous = seqio.utils._TFDS_DATA_READ_CONFIG_OVERRIDE  # seqio has a setter only
+    base = dataclasses.replace(previous) if previous is not None else tfds.ReadConfig()
+    seqio.utils.set_tfds_read_config_override(dataclasses.replace(base, try_autocache=False))
+    try:
+      yield
+    finally:
+      seqio.utils.set_tfds_read_config_override(previous)
+
+
 def _pad_tokens(max_length: int):
   def pad(ex):
     if "text_tokens" not in ex:  # precomputed embeddings come padded
@@ -84,9 +110,11 @@ def dataset(task: seqio.Task, split: str, *, max_length: int, shuffle: bool, see
   """This host's shard of the task (all of it if not shard_by_host), tokens padded to
   max_length (pad id 0)."""
   host, hosts = (jax.process_index(), jax.process_count()) if shard_by_host else (0, 1)
-  ds = task.get_dataset(
-      sequence_length={"text_tokens": max_length}, split=split, shuffle=shuffle, seed=seed,
-      num_epochs=num_epochs, shard_info=seqio.ShardInfo(index=host, num_shards=hosts))
+  with _without_tfds_autocache():
+    ds = task.get_dataset(
+        sequence_length={"text_tokens": max_length}, split=split, shuffle=shuffle,
+        seed=seed, num_epochs=num_epochs,
+        shard_info=seqio.ShardInfo(index=host, num_shards=hosts), try_in_mem_cache=False)
   ds = ds.map(_pad_tokens(max_length), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(lambda ex: {k: ex[k] for k in keys})
 
