@@ -267,6 +267,31 @@ def test_group_norm_gradients_match_flax_and_each_dx_is_materialized():
   assert backward.count("optimization_barrier") == 1, backward
 
 
+def test_cpu_conv3x3_gradients_match_xla_and_conv_uses_it_on_the_cpu():
+  """conv_cpu.conv3x3 (filter gradient as one matmul over shifted output gradients) gives
+  XLA's own convolution's output and both gradients, on square and non-square images;
+  `Conv` takes it for stride-1 3x3 convs up to 32x32 on the CPU, and XLA's beyond."""
+  from imagen_jax.models import conv_cpu
+  rng = np.random.default_rng(2)
+  plain = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for b, h, w, c, o in [(2, 8, 8, 4, 6), (3, 5, 7, 3, 2), (1, 16, 16, 8, 8)]:
+    x = jnp.asarray(rng.standard_normal((b, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, c, o)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((b, h, w, o)), jnp.float32)
+    np.testing.assert_allclose(conv_cpu.conv3x3(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda x, k: jnp.vdot(conv_cpu.conv3x3(x, k), probe), argnums=(0, 1))
+    xla = jax.grad(lambda x, k: jnp.vdot(plain(x, k), probe), argnums=(0, 1))
+    for got, want in zip(jax.jit(ours)(x, k), jax.jit(xla)(x, k)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  conv = layers.Conv(4)
+  for side, expected in ((32, True), (64, False)):
+    x = jnp.zeros((1, side, side, 2))
+    params = jax.eval_shape(conv.init, jax.random.key(0), x)
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(conv.apply)(params, x))) == expected
+
+
 def test_space_to_depth_folds_patches():
   x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
   y = layers.space_to_depth(x, 2)

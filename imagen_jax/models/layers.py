@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models import conv_cpu
 from imagen_jax.parallel.axes import (
     ACT_EMBED, BATCH, CONV_H, CONV_IN, CONV_OUT, CONV_W, EMBED, HEADS, HEIGHT, KV,
     LENGTH, MLP, NORM, WIDTH)
@@ -84,6 +85,8 @@ class Conv(nn.Module):
     if k == 1 and self.stride == 1:
       # A 1x1 conv is a matmul; skip the conv machinery.
       y = jnp.dot(x, kernel[0, 0])
+    elif conv_cpu.use_for(x.shape, k, self.stride):
+      y = conv_cpu.conv3x3(x, kernel)  # its filter gradient as one matmul (see conv_cpu)
     else:
       pad = k // 2
       y = jax.lax.conv_general_dilated(
