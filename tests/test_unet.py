@@ -284,6 +284,12 @@ def test_cpu_conv3x3_gradients_match_xla_and_conv_uses_it_on_the_cpu():
     xla = jax.grad(lambda x, k: jnp.vdot(plain(x, k), probe), argnums=(0, 1))
     for got, want in zip(jax.jit(ours)(x, k), jax.jit(xla)(x, k)):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # An input that is not differentiated (the stem's image) gets no input-gradient conv.
+  kernel_only = jax.make_jaxpr(jax.grad(lambda k: conv_cpu.conv3x3(x, k).sum()))(k)
+  assert str(kernel_only).count("conv_general_dilated") == 1  # the forward alone
+  np.testing.assert_allclose(jax.grad(lambda k: jnp.vdot(conv_cpu.conv3x3(x, k), probe))(k),
+                             jax.grad(lambda k: jnp.vdot(plain(x, k), probe))(k),
+                             rtol=1e-4, atol=1e-4)
 
   conv = layers.Conv(4)
   for side, expected in ((32, True), (64, False)):

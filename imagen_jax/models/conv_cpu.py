@@ -7,10 +7,10 @@ rate of the forward convolution (bench/README.md, sessions 6 and 14). The same g
   dW[kh, kw, c, o] = sum_{b, h, w} x[b, h, w, c] * dy[b, h + 1 - kh, w + 1 - kw, o],
 
 one [C, B*H*W] x [B*H*W, 9*O] matmul against nine shifted copies of the output gradient
-dy, which runs 30-60% faster at 16x16 and 8x8 and takes 6% off whole train steps of the
-CPU benchmark and the shapes SR stage (measured in one process, alternating). Forward and
-input gradient stay XLA's own. `Conv` uses it on the CPU only: GPUs and TPUs have fast
-filter-gradient kernels of their own.
+dy, which runs 30-65% faster at 16x16 and 8x8 and takes 6-7% off whole train steps of
+the CPU benchmark and the shapes SR stage (measured in one process, alternating). The
+forward and the input gradient stay XLA's own. `Conv` uses it on the CPU only: GPUs and
+TPUs have fast filter-gradient kernels of their own.
 """
 from __future__ import annotations
 
@@ -52,14 +52,22 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _conv3x3_fwd(x, kernel):
-  return _conv(x, kernel), (x, kernel)
+  # symbolic_zeros: the primals say whether they are differentiated, so that the backward
+  # computes no input gradient for an input that needs none (the stem's image).
+  return _conv(x.value, kernel.value), (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
 def _conv3x3_bwd(residuals, dy):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel), x)
-  (dx,) = input_vjp(dy)
-  return dx, filter_gradient(x, dy).astype(kernel.dtype)
+  x, kernel, x_perturbed, kernel_perturbed = residuals
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  dx = dw = None  # None: a zero cotangent
+  if x_perturbed:
+    # XLA's input gradient, without re-tracing the forward as jax.vjp would.
+    (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel), x)(dy)
+  if kernel_perturbed:
+    dw = filter_gradient(x, dy).astype(kernel.dtype)
+  return dx, dw
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd, symbolic_zeros=True)
