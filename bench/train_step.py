@@ -24,8 +24,14 @@ in a virtual environment the script makes (bench/peer_env.py), and prints the ra
 --profile_dir=DIR also traces --profile_steps steps of each text mode with jax.profiler
 (DIR/<mode>, viewable in TensorBoard / Perfetto) and prints where their time went by kind
 of HLO instruction (bench/profile_summary.py; also in the JSON under "profile").
+--variants=default,no_groupnorm_barrier,... instead times variants of our own step (see
+VARIANTS: switches of the code, e.g. XLA's own filter gradient on the CPU) in one
+process, in --rounds alternating rounds, and prints each one's step time and its ratio to
+the first: an A/B that the machine's drift cannot fake.
 The last line printed is one JSON object with every figure (also --json_out=FILE).
 """
+import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -61,7 +67,33 @@ flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps steps of each
                     "with jax.profiler into DIR/<mode> and print where their time goes "
                     "(bench/profile_summary.py).")
 flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
+flags.DEFINE_list("variants", [], "Time these VARIANTS of our step against one another in "
+                  "one process (--rounds alternating rounds, precomputed text) instead.")
 FLAGS = flags.FLAGS
+
+# Variants of our step for --variants: (module, attribute, value) set while it is traced.
+VARIANTS = {
+    "default": (),
+    # No optimization barrier on GroupNorm input gradients (layers.materialize_grad).
+    "no_groupnorm_barrier": (("imagen_jax.models.layers", "GROUPNORM_GRAD_BARRIER", False),),
+    # XLA's own filter gradient for every conv on the CPU too (models/conv_cpu.py).
+    "xla_filter_gradient": (("imagen_jax.models.conv_cpu", "MAX_PIXELS", 0),),
+}
+
+
+@contextlib.contextmanager
+def switched(settings):
+  """Sets each (module, attribute, value) of a VARIANTS entry; puts them back after."""
+  saved = []
+  try:
+    for module_name, attribute, value in settings:
+      module = importlib.import_module(module_name)
+      saved.append((module, attribute, getattr(module, attribute)))
+      setattr(module, attribute, value)
+    yield
+  finally:
+    for module, attribute, value in reversed(saved):
+      setattr(module, attribute, value)
 
 
 def time_steps(compiled, state, batch, text_params, steps: int):
@@ -99,12 +131,10 @@ def profile_steps(compiled, state, batch, text_params, mode: str, log) -> dict:
   return summary
 
 
-def run_ours(config, spec, mode: str, batch_size: int, log, peer=None) -> dict:
-  """One text mode of our step: builds the state, compiles, times. Returns figures.
-
-  With `peer` (a peer_env.InterleavedPeer) the timed steps come in its rounds, our
-  --steps and then its, alternating which goes first (so a drift within a round falls
-  on both); the run then also holds the peer's times and the ratio of each round."""
+def build_step(config, spec, mode: str, batch_size: int, switches=()):
+  """Our step for one text mode, compiled (with a VARIANTS entry's `switches` set while
+  it is traced), its train state and a random batch: (compiled, state, batch,
+  text_params, init_s, compile_s)."""
   import flax.linen as nn
   import jax
   import numpy as np
@@ -148,13 +178,26 @@ def run_ours(config, spec, mode: str, batch_size: int, log, peer=None) -> dict:
     text_params = None
   batch = mesh_lib.host_to_global(batch, mesh, rules)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), switched(switches):
     compiled = jax.jit(step_fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules),
                                                None if text_params is None else
                                                NamedSharding(mesh, P())),
                        out_shardings=(shardings, None), donate_argnums=(0,)).lower(
                            state, batch, text_params).compile()
   compile_s = time.perf_counter() - t0
+  return compiled, state, batch, text_params, init_s, compile_s
+
+
+def run_ours(config, spec, mode: str, batch_size: int, log, peer=None) -> dict:
+  """One text mode of our step: builds the state, compiles, times. Returns figures.
+
+  With `peer` (a peer_env.InterleavedPeer) the timed steps come in its rounds, our
+  --steps and then its, alternating which goes first (so a drift within a round falls
+  on both); the run then also holds the peer's times and the ratio of each round."""
+  import jax
+  import numpy as np
+  compiled, state, batch, text_params, init_s, compile_s = build_step(
+      config, spec, mode, batch_size)
   log(f"{mode}: init {init_s:.1f} s, compile {compile_s:.1f} s; timing {FLAGS.steps} steps")
   _, metrics, state = time_steps(compiled, state, batch, text_params, FLAGS.warmup)
   times, round_ratios, peer_times = [], [], []
@@ -183,6 +226,45 @@ def run_ours(config, spec, mode: str, batch_size: int, log, peer=None) -> dict:
   if FLAGS.profile_dir:
     run["profile"] = profile_steps(compiled, state, batch, text_params, mode, log)
   return run
+
+
+def run_variants(config, spec, batch_size: int, log) -> dict:
+  """--variants: each VARIANTS entry's step compiled in this process (same init, same
+  batch, precomputed text), then timed in --rounds rounds of --steps each, the order
+  reversed every other round. Returns {name: figures}, with each step time's ratio to the
+  first variant's and a count of the compiled program's convolutions and fusions (to
+  show that a variant changed the program)."""
+  import numpy as np
+  names = FLAGS.variants
+  built = {}
+  for name in names:
+    compiled, state, batch, _, _, compile_s = build_step(
+        config, spec, "precomputed", batch_size, VARIANTS[name])
+    hlo = compiled.as_text()
+    _, _, state = time_steps(compiled, state, batch, None, FLAGS.warmup)
+    built[name] = dict(compiled=compiled, state=state, batch=batch, times=[], figures=dict(
+        compile_s=compile_s, hlo_convolutions=hlo.count(" convolution("),
+        hlo_fusions=hlo.count(" fusion(")))
+    log(f"variant {name}: compile {compile_s:.1f} s")
+  for i in range(max(FLAGS.rounds, 1)):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      b = built[name]
+      times, metrics, b["state"] = time_steps(b["compiled"], b["state"], b["batch"], None,
+                                              FLAGS.steps)
+      b["times"] += times
+      b["figures"]["loss"] = float(metrics["loss"])
+    log(f"round {i + 1}: " + ", ".join(
+        f"{n} {statistics.median(built[n]['times'][-FLAGS.steps:]):.4f} s" for n in names))
+  first = statistics.median(built[names[0]]["times"])
+  result = {}
+  for name in names:
+    b = built[name]
+    if not np.isfinite(b["figures"]["loss"]):
+      raise FloatingPointError(f"variant {name}: the loss is {b['figures']['loss']}")
+    step_s = statistics.median(b["times"])
+    result[name] = dict(b["figures"], step_s=step_s, times=b["times"],
+                        img_per_s=batch_size / step_s, step_ratio=step_s / first)
+  return result
 
 
 def peer_spec(config, spec, batch_size: int, device) -> dict:
@@ -257,6 +339,19 @@ def main(argv):
       params_m=sum(x.size for x in jax.tree.leaves(summarize.abstract_params(spec))) / 1e6,
       train_gflops_per_image=flops / 1e9, peak_tflops_per_device=peak, peak_source=peak_source,
       runs=[])
+  if FLAGS.variants:
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown or FLAGS.peer:
+      raise app.UsageError(f"--variants takes {sorted(VARIANTS)}, without --peer; got "
+                           f"{FLAGS.variants}{' and --peer' if FLAGS.peer else ''}")
+    result["variants"] = run_variants(config, spec, batch_size, log)
+    print(f"\n{spec.name}, batch {batch_size}, {max(FLAGS.rounds, 1)} alternating rounds of "
+          f"{FLAGS.steps} steps; step s (median) and its ratio to {FLAGS.variants[0]}:")
+    for name, v in result["variants"].items():
+      print(f"  {name:<24}{v['step_s']:>9.4f} s {v['step_ratio']:>7.3f}  "
+            f"(compile {v['compile_s']:.1f} s, loss {v['loss']:.6f})")
+    emit_json(result)
+    return
   # The peer runs first, while this process holds no device memory yet (see main), or,
   # with --rounds, beside ours in interleaved rounds.
   interleaved = None
@@ -303,6 +398,11 @@ def main(argv):
   if ours and "img_per_s" in result.get("peer", {}):
     result["ratio_img_per_s"] = ours["img_per_s"] / result["peer"]["img_per_s"]
   print_table(result)
+  emit_json(result)
+
+
+def emit_json(result: dict) -> None:
+  """The last line printed: every figure as one JSON object (also to --json_out)."""
   line = json.dumps(result, default=float)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

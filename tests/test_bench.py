@@ -189,6 +189,33 @@ def test_profile_summary_puts_a_traced_step_in_its_categories(tmp_path):
     profile_summary.summarize(str(tmp_path / "empty"), step.as_text(), steps=1, num_devices=1)
 
 
+def test_train_step_bench_times_variants_of_our_step_in_alternating_rounds(tmp_path):
+  """--variants: the A/B command of bench/README.md on the tiny shapes config. Each
+  variant compiles a different program (XLA's filter gradient: more convolutions; no
+  GroupNorm barrier: other fusions), all start from the same state and batch (the same
+  loss, to float noise), and each step time comes with its ratio to the first's."""
+  import json
+  import subprocess
+  out = tmp_path / "variants.json"
+  command = [sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
+             "--config=" + os.path.join(ROOT, "configs", "shapes.py") + ":tiny",
+             "--rounds=2", "--steps=1", "--warmup=0", f"--json_out={out}"]
+  subprocess.run(command + ["--variants=default,no_groupnorm_barrier,xla_filter_gradient"],
+                 cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+  v = json.loads(out.read_text())["variants"]
+  assert list(v) == ["default", "no_groupnorm_barrier", "xla_filter_gradient"]
+  assert v["default"]["step_ratio"] == 1.0
+  for name, figures in v.items():
+    assert len(figures["times"]) == 2
+    assert figures["step_ratio"] == pytest.approx(figures["step_s"] / v["default"]["step_s"])
+    assert figures["loss"] == pytest.approx(v["default"]["loss"], rel=1e-4), name
+  assert v["xla_filter_gradient"]["hlo_convolutions"] > v["default"]["hlo_convolutions"]
+  assert v["no_groupnorm_barrier"]["hlo_fusions"] != v["default"]["hlo_fusions"]
+  bad = subprocess.run(command + ["--variants=default,faster"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "--variants takes" in bad.stderr
+
+
 GPU_HLO = """HloModule jit_train_step
 
 %fused_add (param_0: bf16[4,32,32,32], param_1: bf16[4,32,32,32]) -> bf16[4,32,32,32] {

@@ -96,6 +96,11 @@ class Conv(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+# GroupNorm's input passes materialize_grad. A switch for A/B timings only
+# (bench/train_step.py --variants=default,no_groupnorm_barrier).
+GROUPNORM_GRAD_BARRIER = True
+
+
 @jax.custom_vjp
 def materialize_grad(x: jax.Array) -> jax.Array:
   """The identity, whose gradient XLA computes once and stores instead of recomputing
@@ -158,7 +163,8 @@ class GroupNorm(nn.Module):
       stat_g = stat_c.reshape(batch, groups, per_group).mean(-1)
       return jnp.repeat(stat_g, per_group, axis=-1)
 
-    x = materialize_grad(x)  # see materialize_grad: each GroupNorm's dx computed once
+    if GROUPNORM_GRAD_BARRIER:
+      x = materialize_grad(x)  # see materialize_grad: each GroupNorm's dx computed once
     xf = x.astype(jnp.float32)
     mean = pool_groups(jnp.mean(xf, axis=spatial))
     var = pool_groups(jnp.mean(jnp.square(xf - mean.reshape(bshape)), axis=spatial))
